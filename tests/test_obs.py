@@ -1,0 +1,89 @@
+"""Structured OBS against independent least-squares solutions and brute force."""
+import itertools
+
+import pytest
+import torch
+
+from pipeline.obs import column_indices, greedy_obs, prepare_hessian, removal_counts
+
+
+def _problem(seed, out=6, units=5, g=3, n=200):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, units * g, generator=gen, dtype=torch.float64)
+    x[:, 1] += 0.8 * x[:, 0]  # correlated inputs make the correction matter
+    w = torch.randn(out, units * g, generator=gen, dtype=torch.float64)
+    return x, w
+
+
+def _lstsq_fit(x, w, kept_cols):
+    """Best weights on the kept columns for reproducing x @ w.T, and the squared error."""
+    target = x @ w.T
+    if len(kept_cols) == 0:
+        return w[:, :0], float((target ** 2).sum())
+    sol = torch.linalg.lstsq(x[:, kept_cols], target).solution
+    return sol.T, float(((target - x[:, kept_cols] @ sol) ** 2).sum())
+
+
+@pytest.mark.parametrize("g", [1, 3])
+def test_every_snapshot_is_the_least_squares_optimum_for_its_kept_columns(g):
+    x, w = _problem(0, g=g)
+    n_units = w.shape[1] // g
+    h = x.T @ x
+    snaps = greedy_obs(w, h, g, removal_counts(n_units, n_units))
+    assert [len(s.kept_units) for s in snaps] == list(range(n_units, -1, -1))
+    for s in snaps[:-1]:
+        cols = column_indices(s.kept_units, g)
+        best, err = _lstsq_fit(x, w, cols)
+        torch.testing.assert_close(s.weight, best, rtol=1e-7, atol=1e-8)
+        assert s.loss == pytest.approx(err, rel=1e-6, abs=1e-8)  # sum of rho's = exact error
+    assert snaps[-1].weight.shape == (w.shape[0], 0)
+    assert snaps[-1].loss == pytest.approx(float(((x @ w.T) ** 2).sum()), rel=1e-6)
+
+
+@pytest.mark.parametrize("g", [1, 2])
+def test_each_greedy_step_removes_the_unit_a_brute_force_search_would(g):
+    x, w = _problem(1, units=4, g=g)
+    h = x.T @ x
+    snaps = greedy_obs(w, h, g, list(range(5)))
+    for before, after in zip(snaps, snaps[1:]):
+        kept = before.kept_units.tolist()
+        errors = {u: _lstsq_fit(x, w, column_indices(torch.tensor([k for k in kept if k != u], dtype=torch.long), g))[1]
+                  for u in kept}
+        removed = (set(kept) - set(after.kept_units.tolist())).pop()
+        assert errors[removed] == pytest.approx(min(errors.values()), rel=1e-9)
+
+
+def test_damped_hessian_equals_ridge_least_squares():
+    x, w = _problem(2, g=2)
+    damp = 0.05
+    h = prepare_hessian(x.T @ x, damp)
+    lam = damp * float((x.T @ x).diagonal().mean())
+    snaps = greedy_obs(w, h, 2, [2])
+    cols = column_indices(snaps[0].kept_units, 2)
+    # ridge on the kept columns == lstsq on x augmented with sqrt(lam) * I rows, target from all columns
+    x_aug = torch.cat([x, lam ** 0.5 * torch.eye(x.shape[1], dtype=x.dtype)])
+    target = x_aug @ w.T
+    sol = torch.linalg.lstsq(x_aug[:, cols], target).solution
+    torch.testing.assert_close(snaps[0].weight, sol.T, rtol=1e-7, atol=1e-8)
+
+
+def test_dead_inputs_get_unit_diagonal_and_no_nan():
+    x, w = _problem(3, g=1)
+    x[:, 4] = 0
+    h = prepare_hessian(x.T @ x, 0.01)
+    assert h[4, 4] > 0 and h[4, :4].abs().sum() == 0
+    snaps = greedy_obs(w, h, 1, [0, 3, 5])
+    assert all(torch.isfinite(s.weight).all() for s in snaps)
+
+
+def test_removal_counts_cover_dense_to_empty():
+    assert removal_counts(8, 10) == [0, 1, 2, 2, 3, 4, 5, 6, 6, 7, 8]
+    assert removal_counts(100, 4) == [0, 25, 50, 75, 100]
+
+
+def test_bad_counts_are_refused():
+    x, w = _problem(4, g=1)
+    with pytest.raises(ValueError, match="non-decreasing"):
+        greedy_obs(w, x.T @ x, 1, [3, 1])
+    with pytest.raises(ValueError, match="cannot remove"):
+        greedy_obs(w, x.T @ x, 1, [0, 99])
