@@ -1,0 +1,117 @@
+"""The layer database (DESIGN.md 2.2): Hessians of the output projections' inputs over the
+calibration set, structured OBS per (layer, module), and compact storage of every level.
+
+On disk: `manifest.json` plus one `layer_NNN.safetensors` per layer holding, for each module and
+level k, the kept unit indices (`{module}.kept.{k}`) and the corrected output projection on the
+kept columns only (`{module}.weight.{k}`).
+"""
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from pipeline.modeling import MODULE_TYPES, Structure, output_projection
+from pipeline.obs import greedy_obs, prepare_hessian, removal_counts
+
+MANIFEST = "manifest.json"
+
+
+@torch.no_grad()
+def collect_hessians(model, structure: Structure, sequences: torch.Tensor, batch_size: int,
+                     dtype: torch.dtype = torch.float64,
+                     on_batch: Callable[[int, int], None] | None = None) -> dict:
+    """H = X^T X / N for the inputs X of every o_proj and down_proj, from the dense model."""
+    hessians, hooks = {}, []
+    tokens = 0
+
+    def accumulate(key):
+        def hook(_module, inputs, _output):
+            x = inputs[0].reshape(-1, inputs[0].shape[-1]).to(dtype)
+            if key not in hessians:
+                hessians[key] = torch.zeros(x.shape[1], x.shape[1], dtype=dtype)
+            hessians[key].addmm_(x.T, x)
+        return hook
+
+    for layer in range(structure.num_layers):
+        for module in MODULE_TYPES:
+            hooks.append(output_projection(model, layer, module).register_forward_hook(accumulate((layer, module))))
+    try:
+        batches = list(torch.split(sequences, batch_size))
+        for i, batch in enumerate(batches):
+            model(input_ids=batch.to(model.device))
+            tokens += batch.numel()
+            if on_batch:
+                on_batch(i + 1, len(batches))
+    finally:
+        for h in hooks:
+            h.remove()
+    return {key: h / tokens for key, h in hessians.items()}
+
+
+def build_database(model, structure: Structure, hessians: dict, levels: int, damp: float, out_dir: Path,
+                   identity: dict, on_module: Callable[[int, str, list[float]], None] | None = None) -> dict:
+    """Run OBS for every (layer, module) and write the compact database; returns the manifest."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    counts = {m: removal_counts(structure.units(m), levels) for m in MODULE_TYPES}
+    losses = {m: [] for m in MODULE_TYPES}
+    for layer in range(structure.num_layers):
+        tensors = {}
+        for module in MODULE_TYPES:
+            weight = output_projection(model, layer, module).weight.detach()
+            hessian = prepare_hessian(hessians[(layer, module)], damp)
+            snapshots = greedy_obs(weight.cpu(), hessian, structure.unit_size(module), counts[module])
+            for k, snap in enumerate(snapshots):
+                tensors[f"{module}.kept.{k}"] = snap.kept_units.to(torch.int64)
+                tensors[f"{module}.weight.{k}"] = snap.weight.to(weight.dtype).contiguous()
+            losses[module].append([s.loss for s in snapshots])
+            if on_module:
+                on_module(layer, module, losses[module][-1])
+        save_file(tensors, str(out_dir / f"layer_{layer:03d}.safetensors"))
+    manifest = {
+        "format": 1,
+        "levels": levels,
+        "structure": structure.__dict__,
+        "kept_units": {m: [structure.units(m) - c for c in counts[m]] for m in MODULE_TYPES},
+        "obs_loss": losses,
+        "damp": damp,
+        "identity": identity,
+    }
+    (out_dir / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    return manifest
+
+
+class Database:
+    """Read access to a built database; tensors are loaded lazily and kept in memory."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        manifest_path = self.path / MANIFEST
+        if not manifest_path.is_file():
+            raise FileNotFoundError(f"no layer database at '{self.path}' ({MANIFEST} missing): run the database stage")
+        self.manifest = json.loads(manifest_path.read_text())
+        self.levels: int = self.manifest["levels"]
+        self.structure = Structure(**self.manifest["structure"])
+        self._cache: dict = {}
+
+    def level_weight(self, layer: int, module: str, level: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(kept unit indices, corrected output weight on the kept columns) of one module at one level."""
+        if not 0 <= level <= self.levels:
+            raise ValueError(f"level {level} outside 0..{self.levels}")
+        key = (layer, module, level)
+        if key not in self._cache:
+            with safe_open(str(self.path / f"layer_{layer:03d}.safetensors"), framework="pt") as f:
+                self._cache[key] = (f.get_tensor(f"{module}.kept.{level}"), f.get_tensor(f"{module}.weight.{level}"))
+        return self._cache[key]
+
+    def weights_for(self, levels: dict[str, list[int]]) -> dict:
+        """`levels[module][layer]` -> {(layer, module): (kept units, weight)} for `materialize`."""
+        return {(layer, module): self.level_weight(layer, module, lv)
+                for module in MODULE_TYPES for layer, lv in enumerate(levels[module])}
+
+    def kept_units(self, module: str, level: int) -> int:
+        return self.manifest["kept_units"][module][level]

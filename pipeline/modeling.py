@@ -1,0 +1,209 @@
+"""The dense model's prunable structure, loading, and turning per-module levels into models:
+a dense-shaped model with pruned columns zeroed (cheap level swaps for the search) or a
+physically smaller `PrunedLlamaForCausalLM` (for training, speed and export).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+
+from pipeline.pruned_llama import PrunedLlamaConfig, PrunedLlamaForCausalLM
+
+ATTN, MLP = "attn", "mlp"
+MODULE_TYPES = (ATTN, MLP)
+_ATTN_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
+_MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+
+
+class ModelStructureError(ValueError):
+    """The model does not have the Llama block layout this pipeline prunes."""
+
+
+@dataclass(frozen=True)
+class Structure:
+    """What can be pruned: per layer, query heads (units of head_dim columns of o_proj) and MLP
+    neurons (single columns of down_proj)."""
+    num_layers: int
+    hidden_size: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+
+    @property
+    def group_size(self) -> int:
+        return self.num_heads // self.num_kv_heads
+
+    def units(self, module: str) -> int:
+        return self.num_heads if module == ATTN else self.intermediate_size
+
+    def unit_size(self, module: str) -> int:
+        return self.head_dim if module == ATTN else 1
+
+    def attention_params(self, q_heads: int, kv_heads: int) -> int:
+        return self.hidden_size * self.head_dim * (2 * q_heads + 2 * kv_heads)
+
+    def mlp_params(self, neurons: int) -> int:
+        return 3 * self.hidden_size * neurons
+
+    @property
+    def dense_prunable_params(self) -> int:
+        per_layer = self.attention_params(self.num_heads, self.num_kv_heads) + self.mlp_params(self.intermediate_size)
+        return self.num_layers * per_layer
+
+    def kv_heads_used(self, q_heads) -> list[int]:
+        """Key/value heads that still serve at least one of the kept query heads."""
+        return sorted({int(q) // self.group_size for q in q_heads})
+
+
+def structure_of(model) -> Structure:
+    """Read the prunable structure, refusing models without the Llama block layout."""
+    config = model.config
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    if layers is None or len(layers) == 0:
+        raise ModelStructureError(
+            f"{type(model).__name__} has no `model.layers`: this pipeline prunes decoder-only models with the "
+            "Llama block layout (Llama, Mistral, Qwen2/3)")
+    for i, layer in enumerate(layers):
+        for parent, names in (("self_attn", _ATTN_PROJECTIONS), ("mlp", _MLP_PROJECTIONS)):
+            module = getattr(layer, parent, None)
+            missing = [n for n in names if not isinstance(getattr(module, n, None), nn.Linear)]
+            if missing:
+                raise ModelStructureError(
+                    f"layer {i} of {type(model).__name__} lacks {parent}.{', '.join(missing)} as linear layers; "
+                    f"expected {parent}.{{{', '.join(names)}}} (Llama block layout)")
+    if config.hidden_act not in ("silu", "swish"):
+        raise ModelStructureError(f"hidden_act '{config.hidden_act}' is not a SwiGLU MLP (expected 'silu')")
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    return Structure(num_layers=len(layers), hidden_size=config.hidden_size, num_heads=heads,
+                     num_kv_heads=getattr(config, "num_key_value_heads", None) or heads,
+                     head_dim=head_dim, intermediate_size=config.intermediate_size)
+
+
+def load_dense(path: str | Path, dtype: str = "float32", revision: str | None = None):
+    """Load a causal LM and its tokenizer the ordinary Hugging Face way (hub id or local folder)."""
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype), revision=revision)
+    tokenizer = AutoTokenizer.from_pretrained(path, revision=revision)
+    model.eval()
+    structure_of(model)
+    return model, tokenizer
+
+
+def output_projection(model, layer: int, module: str) -> nn.Linear:
+    block = model.model.layers[layer]
+    return block.self_attn.o_proj if module == ATTN else block.mlp.down_proj
+
+
+def input_projections(model, layer: int, module: str) -> list[nn.Linear]:
+    block = model.model.layers[layer]
+    if module == ATTN:
+        return [block.self_attn.q_proj, block.self_attn.k_proj, block.self_attn.v_proj]
+    return [block.mlp.gate_proj, block.mlp.up_proj]
+
+
+def masked_weight(full_shape, kept_columns: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Dense-shaped output-projection weight: the stored corrected columns, zeros elsewhere."""
+    full = weight.new_zeros(full_shape)
+    full[:, kept_columns] = weight
+    return full
+
+
+def pruned_config(dense_config, structure: Structure, kept: dict) -> PrunedLlamaConfig:
+    """`kept[(layer, module)]` = kept unit indices (query heads or neurons)."""
+    values = dense_config.to_dict()
+    for key in ("architectures", "auto_map", "model_type", "transformers_version", "dtype", "torch_dtype"):
+        values.pop(key, None)
+    q_heads = [sorted(int(h) for h in kept[(i, ATTN)]) for i in range(structure.num_layers)]
+    values.update(
+        head_dim=structure.head_dim,
+        layer_q_heads=q_heads,
+        layer_kv_heads=[structure.kv_heads_used(q) for q in q_heads],
+        layer_intermediate_sizes=[len(kept[(i, MLP)]) for i in range(structure.num_layers)])
+    config = PrunedLlamaConfig(**{k: v for k, v in values.items() if k in _config_fields()})
+    config.architectures = ["PrunedLlamaForCausalLM"]
+    return config
+
+
+def _config_fields() -> set[str]:
+    import dataclasses
+    return {f.name for f in dataclasses.fields(PrunedLlamaConfig)} | set(LlamaConfig().to_dict())
+
+
+@torch.no_grad()
+def materialize(dense_model, structure: Structure, level_weights: dict) -> PrunedLlamaForCausalLM:
+    """A physically smaller model: kept q/k/v/gate/up rows from the dense model, corrected
+    o_proj/down_proj columns from the database.
+
+    `level_weights[(layer, module)]` = (kept unit indices, corrected output weight on kept columns).
+    """
+    kept = {key: units for key, (units, _) in level_weights.items()}
+    config = pruned_config(dense_model.config, structure, kept)
+    with torch.device("meta"):
+        model = PrunedLlamaForCausalLM(config)
+    dtype = next(dense_model.parameters()).dtype
+    model = model.to_empty(device="cpu").to(dtype)
+    state = {}
+    dense_state = dense_model.state_dict()
+    for name, tensor in dense_state.items():
+        if ".layers." not in name:
+            state[name] = tensor
+    d = structure.head_dim
+    for i in range(structure.num_layers):
+        prefix = f"model.layers.{i}."
+        for norm in ("input_layernorm.weight", "post_attention_layernorm.weight"):
+            state[prefix + norm] = dense_state[prefix + norm]
+        q_units, o_weight = level_weights[(i, ATTN)]
+        q_rows = _unit_rows(torch.as_tensor(q_units), d)
+        kv_rows = _unit_rows(torch.tensor(config.layer_kv_heads[i], dtype=torch.long), d)
+        attn = prefix + "self_attn."
+        for proj, rows in (("q_proj", q_rows), ("k_proj", kv_rows), ("v_proj", kv_rows)):
+            state[attn + proj + ".weight"] = dense_state[attn + proj + ".weight"][rows]
+            if attn + proj + ".bias" in dense_state:
+                state[attn + proj + ".bias"] = dense_state[attn + proj + ".bias"][rows]
+        state[attn + "o_proj.weight"] = o_weight
+        if attn + "o_proj.bias" in dense_state:
+            state[attn + "o_proj.bias"] = dense_state[attn + "o_proj.bias"]
+        neurons, down_weight = level_weights[(i, MLP)]
+        neurons = torch.as_tensor(neurons, dtype=torch.long)
+        mlp = prefix + "mlp."
+        for proj in ("gate_proj", "up_proj"):
+            state[mlp + proj + ".weight"] = dense_state[mlp + proj + ".weight"][neurons]
+        state[mlp + "down_proj.weight"] = down_weight
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [m for m in missing if not m.endswith("lm_head.weight") or not config.tie_word_embeddings]
+    if missing or unexpected:
+        raise RuntimeError(f"materialize: missing {missing}, unexpected {unexpected}")
+    if config.tie_word_embeddings:
+        model.tie_weights()
+    for name, buffer in dense_model.named_buffers():
+        if "rotary_emb" in name:
+            model.get_buffer(name).copy_(buffer)
+    for attn in (layer.self_attn for layer in model.model.layers):
+        if attn.kv_index is not None:  # a non-persistent buffer: built on meta, so rebuild it
+            attn.kv_index = _kv_index(config, attn)
+    model.eval()
+    return model
+
+
+def _kv_index(config: PrunedLlamaConfig, attn) -> torch.Tensor:
+    q_heads, kv_heads, _ = config.layer_shape(attn.layer_idx)
+    group = config.num_attention_heads // config.num_key_value_heads
+    return torch.tensor([kv_heads.index(q // group) for q in q_heads], dtype=torch.long)
+
+
+def _unit_rows(units: torch.Tensor, size: int) -> torch.Tensor:
+    return (units.long()[:, None] * size + torch.arange(size)).reshape(-1)
+
+
+def count_params(model) -> int:
+    seen, total = set(), 0
+    for p in model.parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            total += p.numel()
+    return total

@@ -1,0 +1,73 @@
+"""Causal-LM training with optional distillation from a teacher (KL on logits)."""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+
+def kl_per_token(teacher_logprobs: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
+    """KL(P_teacher || P_student) for each position: (..., V) -> (...)."""
+    student = F.log_softmax(student_logits.float(), dim=-1)
+    return (teacher_logprobs.exp() * (teacher_logprobs - student)).sum(-1)
+
+
+def causal_lm_loss(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), tokens[:, 1:].reshape(-1))
+
+
+def train_causal_lm(model, sequences: torch.Tensor, *, steps: int, batch_size: int, lr: float,
+                    weight_decay: float = 0.0, warmup_steps: int = 0, seed: int = 0,
+                    teacher=None, distill: float = 0.0, temperature: float = 1.0,
+                    after_step: Callable[[], None] | None = None,
+                    on_step: Callable[[int, dict], None] | None = None) -> list[float]:
+    """AdamW with linear warm-up and cosine decay over `steps` batches drawn (seeded) from `sequences`.
+
+    loss = (1 - distill) * causal-LM + distill * T^2 * KL(teacher || student) at temperature T.
+    `after_step` runs after every optimiser step (e.g. to keep pruned weights at zero).
+    Returns the loss of every step.
+    """
+    if steps == 0:
+        return []
+    if distill > 0 and teacher is None:
+        raise ValueError("distill > 0 needs a teacher model")
+    device = next(model.parameters()).device
+    gen = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr,
+                                  weight_decay=weight_decay, betas=(0.9, 0.95))
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _lr_factor(s, steps, warmup_steps))
+    was_training = model.training
+    model.train()
+    losses = []
+    for step in range(steps):
+        batch = sequences[torch.randint(len(sequences), (batch_size,), generator=gen)].to(device)
+        logits = model(input_ids=batch).logits
+        loss = causal_lm_loss(logits, batch)
+        parts = {"ce": float(loss)}
+        if distill > 0:
+            with torch.no_grad():
+                teacher_lp = F.log_softmax(teacher(input_ids=batch).logits.float() / temperature, dim=-1)
+            kd = kl_per_token(teacher_lp, logits / temperature).mean() * temperature**2
+            loss = (1 - distill) * loss + distill * kd
+            parts["kd"] = float(kd)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        if after_step is not None:
+            after_step()
+        losses.append(float(loss))
+        if on_step is not None:
+            on_step(step, {"loss": float(loss), "lr": schedule.get_last_lr()[0], **parts})
+    model.train(was_training)
+    return losses
+
+
+def _lr_factor(step: int, total: int, warmup: int) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))

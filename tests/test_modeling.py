@@ -1,0 +1,66 @@
+"""Database levels applied to models: dense-level equality and masked-vs-shrunk equality."""
+import pytest
+import torch
+
+from pipeline.database import Database, build_database, collect_hessians
+from pipeline.modeling import ATTN, MLP, ModelStructureError, masked_weight, materialize, output_projection, structure_of
+from pipeline.obs import column_indices
+
+
+@pytest.fixture
+def database(tiny_model, tokens, tmp_path):
+    structure = structure_of(tiny_model)
+    hessians = collect_hessians(tiny_model, structure, tokens, batch_size=5)
+    build_database(tiny_model, structure, hessians, levels=4, damp=0.01, out_dir=tmp_path / "db", identity={})
+    return Database(tmp_path / "db")
+
+
+def _masked_copy(model, db, levels):
+    """Dense-shaped model with each module's output projection replaced by its zero-filled level weight."""
+    import copy
+    masked = copy.deepcopy(model)
+    for module in (ATTN, MLP):
+        for layer, level in enumerate(levels[module]):
+            units, weight = db.level_weight(layer, module, level)
+            proj = output_projection(masked, layer, module)
+            cols = column_indices(units, db.structure.unit_size(module))
+            proj.weight.data = masked_weight(proj.weight.shape, cols, weight)
+    return masked
+
+
+def test_level_zero_reproduces_dense_logits(tiny_model, database, tokens):
+    levels = {ATTN: [0, 0, 0], MLP: [0, 0, 0]}
+    pruned = materialize(tiny_model, database.structure, database.weights_for(levels))
+    torch.testing.assert_close(pruned(tokens).logits, tiny_model(tokens).logits, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("levels", [
+    {ATTN: [1, 2, 3], MLP: [3, 1, 2]},
+    {ATTN: [4, 1, 0], MLP: [0, 4, 2]},  # a layer with no heads at all, a layer with no neurons
+    {ATTN: [3, 3, 3], MLP: [2, 2, 2]},
+])
+def test_shrunk_model_equals_zeroed_dense_model(tiny_model, database, tokens, levels):
+    pruned = materialize(tiny_model, database.structure, database.weights_for(levels))
+    masked = _masked_copy(tiny_model, database, levels)
+    torch.testing.assert_close(pruned(tokens).logits, masked(tokens).logits, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(pruned(tokens).logits, tiny_model(tokens).logits, atol=1e-3)
+    for i, layer in enumerate(pruned.model.layers):
+        kept_heads = database.kept_units(ATTN, levels[ATTN][i])
+        assert layer.self_attn.q_proj.out_features == kept_heads * 8
+        assert layer.mlp.down_proj.in_features == database.kept_units(MLP, levels[MLP][i])
+
+
+def test_orphaned_kv_heads_are_removed(tiny_model, database, tokens):
+    levels = {ATTN: [2, 2, 2], MLP: [0, 0, 0]}  # 2 of 4 query heads left per layer
+    pruned = materialize(tiny_model, database.structure, database.weights_for(levels))
+    for i, layer in enumerate(pruned.model.layers):
+        q = pruned.config.layer_q_heads[i]
+        assert pruned.config.layer_kv_heads[i] == sorted({h // 2 for h in q})
+        assert layer.self_attn.k_proj.out_features == len(pruned.config.layer_kv_heads[i]) * 8
+
+
+def test_model_without_llama_blocks_is_refused():
+    from transformers import GPT2Config, GPT2LMHeadModel
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=32))
+    with pytest.raises(ModelStructureError, match="Llama block layout"):
+        structure_of(model)
