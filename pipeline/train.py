@@ -45,13 +45,13 @@ def train_causal_lm(model, sequences: torch.Tensor, *, steps: int, batch_size: i
         batch = sequences[torch.randint(len(sequences), (batch_size,), generator=gen)].to(device)
         logits = model(input_ids=batch).logits
         loss = causal_lm_loss(logits, batch)
-        parts = {"ce": float(loss)}
+        parts = {"ce": loss.item()}
         if distill > 0:
             with torch.no_grad():
                 teacher_lp = F.log_softmax(teacher(input_ids=batch).logits.float() / temperature, dim=-1)
             kd = kl_per_token(teacher_lp, logits / temperature).mean() * temperature**2
             loss = (1 - distill) * loss + distill * kd
-            parts["kd"] = float(kd)
+            parts["kd"] = kd.item()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -59,9 +59,9 @@ def train_causal_lm(model, sequences: torch.Tensor, *, steps: int, batch_size: i
         schedule.step()
         if after_step is not None:
             after_step()
-        losses.append(float(loss))
+        losses.append(loss.item())
         if on_step is not None:
-            on_step(step, {"loss": float(loss), "lr": schedule.get_last_lr()[0], **parts})
+            on_step(step, {"loss": losses[-1], "lr": schedule.get_last_lr()[0], **parts})
     model.train(was_training)
     return losses
 

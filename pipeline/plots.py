@@ -1,0 +1,46 @@
+"""Figures for MLflow and the README: search progress and per-layer structure."""
+from __future__ import annotations
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def search_curve(history: list[dict]):
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    gens = [h["generation"] for h in history]
+    ax.plot(gens, [h["fitness"] for h in history], marker=".")
+    ax.set_xlabel("generation")
+    ax.set_ylabel("parent KL to dense (final stage tokens)")
+    ax.set_yscale("log")
+    ax.set_title("Evolutionary search")
+    fig.tight_layout()
+    return fig
+
+
+def layer_structure(structures: dict[str, dict], dense_heads: int, dense_neurons: int):
+    """`structures[name] = {"heads": [kept per layer], "neurons": [kept per layer]}`."""
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
+    width = 0.8 / max(1, len(structures))
+    for j, (name, s) in enumerate(structures.items()):
+        xs = [i + j * width for i in range(len(s["heads"]))]
+        axes[0].bar(xs, s["heads"], width=width, label=name)
+        axes[1].bar(xs, s["neurons"], width=width, label=name)
+    for ax, title, dense in ((axes[0], "query heads kept", dense_heads), (axes[1], "MLP neurons kept", dense_neurons)):
+        ax.axhline(dense, color="gray", linestyle="--", linewidth=1, label="dense")
+        ax.set_xlabel("layer")
+        ax.set_title(title)
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def training_curve(losses: list[float], title: str):
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(range(1, len(losses) + 1), losses)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_title(title)
+    fig.tight_layout()
+    return fig

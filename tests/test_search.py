@@ -1,0 +1,126 @@
+"""Mutation and budget invariants, and the search loop on a real database."""
+import random
+
+import pytest
+import torch
+
+from pipeline.config import SearchParams, SelectionStage
+from pipeline.database import Database, build_database, collect_hessians
+from pipeline.modeling import structure_of
+from pipeline.search import (LevelSwapper, evolve, kl_fitness, level_sum, mutate, offspring, switch_count,
+                             teacher_logprobs, uniform_levels)
+
+
+@pytest.mark.parametrize("target,levels,layers", [(0.5, 10, 4), (0.55, 10, 7), (0.13, 4, 3), (0.9, 10, 32)])
+def test_uniform_levels_hit_the_level_sum_and_differ_by_at_most_one(target, levels, layers):
+    u = uniform_levels(target, levels, layers)
+    for v in u.values():
+        assert sum(v) == level_sum(target, levels, layers)
+        assert max(v) - min(v) <= 1 and 0 <= min(v) and max(v) <= levels
+
+
+def test_mutation_keeps_level_sums_and_range():
+    rng = random.Random(0)
+    parent = {"attn": [0, 10, 5, 5], "mlp": [5, 5, 5, 5]}
+    for _ in range(500):
+        child = mutate(parent, 10, rng, 3)
+        for m in parent:
+            assert sum(child[m]) == sum(parent[m])
+            assert all(0 <= lv <= 10 for lv in child[m])
+        parent = child
+
+
+def test_switch_count_follows_min_of_two_uniforms():
+    rng = random.Random(1)
+    counts = [switch_count(rng, 3) for _ in range(20000)]
+    for n, prob in ((1, 5 / 9), (2, 3 / 9), (3, 1 / 9)):  # P(min = n) = (2(m-n)+1)/m^2
+        assert abs(counts.count(n) / len(counts) - prob) < 0.015
+
+
+def test_one_switch_moves_one_level_between_two_modules_of_one_type():
+    class OneSwitch(random.Random):
+        def randint(self, a, b):
+            return 1
+    parent = {"attn": [5] * 6, "mlp": [5] * 6}
+    for seed in range(50):
+        child = mutate(parent, 10, OneSwitch(seed), 3)
+        diffs = {m: [c - p for c, p in zip(child[m], parent[m])] for m in parent}
+        changed = [m for m in diffs if any(diffs[m])]
+        assert len(changed) == 1 and sorted(diffs[changed[0]]) == [-1, 0, 0, 0, 0, 1]
+
+
+def test_offspring_are_distinct_and_differ_from_parent():
+    parent = {"attn": [2, 2, 2], "mlp": [2, 2, 2]}
+    kids = offspring(parent, 16, 4, random.Random(2), 3)
+    keys = {str(k) for k in kids}
+    assert len(kids) == 16 and len(keys) == 16 and str(parent) not in keys
+
+
+def test_offspring_of_a_tiny_space_stop_at_what_exists():
+    parent = {"attn": [1, 1], "mlp": [1, 1]}  # K=2: each type can only become [0,2] or [2,0]
+    kids = offspring(parent, 16, 2, random.Random(3), 1)
+    assert 1 <= len(kids) <= 8 and all(k != parent for k in kids)
+
+
+@pytest.fixture
+def setup(tiny_model, tokens, tmp_path):
+    structure = structure_of(tiny_model)
+    hessians = collect_hessians(tiny_model, structure, tokens, batch_size=6)
+    build_database(tiny_model, structure, hessians, levels=4, damp=0.01, out_dir=tmp_path / "db", identity={})
+    db = Database(tmp_path / "db")
+    fitness = torch.randint(0, 64, (8, 16), generator=torch.Generator().manual_seed(5))
+    teacher = teacher_logprobs(tiny_model, fitness, 4)
+    return db, fitness, teacher
+
+
+def _params(**kw):
+    base = dict(target=0.5, generations=6, offspring=6, seed=0,
+                schedule=(SelectionStage(3, 32), SelectionStage(1, 128)))
+    base.update(kw)
+    return SearchParams(**base)
+
+
+def test_search_is_deterministic_never_worse_than_start_and_keeps_budget(tiny_model, setup):
+    db, fitness, teacher = setup
+    start = uniform_levels(0.5, db.levels, 3)
+    swapper = LevelSwapper(tiny_model, db)
+    swapper.apply(start)
+    start_fitness = kl_fitness(tiny_model, fitness, teacher, 4)
+    a = evolve(swapper, start, _params(), fitness, teacher)
+    b = evolve(LevelSwapper(tiny_model, db), start, _params(), fitness, teacher)
+    assert a.parent == b.parent and [h["fitness"] for h in a.history] == [h["fitness"] for h in b.history]
+    for m in start:
+        assert sum(a.parent[m]) == sum(start[m])
+    # the final stage scores on the whole fitness set (128 tokens = all 8 windows), with elitism:
+    fitness_curve = [h["fitness"] for h in a.history]
+    assert fitness_curve == sorted(fitness_curve, reverse=True)
+    assert fitness_curve[-1] <= start_fitness + 1e-9
+    swapper.apply(a.parent)
+    assert kl_fitness(tiny_model, fitness, teacher, 4) == pytest.approx(fitness_curve[-1], rel=1e-6)
+
+
+def test_swapper_equals_fresh_application_after_many_swaps(tiny_model, setup, tokens):
+    import copy
+    db, _, _ = setup
+    swapper = LevelSwapper(copy.deepcopy(tiny_model), db)
+    rng = random.Random(4)
+    levels = uniform_levels(0.5, 4, 3)
+    for _ in range(20):
+        levels = mutate(levels, 4, rng, 3)
+        swapper.apply(levels)
+    fresh = LevelSwapper(copy.deepcopy(tiny_model), db)
+    fresh.apply(levels)
+    torch.testing.assert_close(swapper.model(tokens).logits, fresh.model(tokens).logits)
+
+
+def test_training_aware_selection_restores_weights_and_keeps_pruned_columns_zero(tiny_model, setup):
+    db, fitness, teacher = setup
+    before = {k: v.clone() for k, v in tiny_model.state_dict().items()}
+    swapper = LevelSwapper(tiny_model, db)
+    p = _params(generations=2, schedule=(SelectionStage(2, 32, train_tokens=64), SelectionStage(1, 128)))
+    train_set = torch.randint(0, 64, (10, 16), generator=torch.Generator().manual_seed(6))
+    state = evolve(swapper, uniform_levels(0.5, 4, 3), p, fitness, teacher, train_set)
+    swapper.apply({m: [0, 0, 0] for m in ("attn", "mlp")})
+    for k, v in tiny_model.state_dict().items():
+        torch.testing.assert_close(v, before[k], msg=k)
+    assert len(state.history) == 2
