@@ -183,17 +183,8 @@ def materialize(dense_model, structure: Structure, level_weights: dict) -> Prune
     for name, buffer in dense_model.named_buffers():
         if "rotary_emb" in name:
             model.get_buffer(name).copy_(buffer)
-    for attn in (layer.self_attn for layer in model.model.layers):
-        if attn.kv_index is not None:  # a non-persistent buffer: built on meta, so rebuild it
-            attn.kv_index = _kv_index(config, attn)
     model.eval()
     return model
-
-
-def _kv_index(config: PrunedLlamaConfig, attn) -> torch.Tensor:
-    q_heads, kv_heads, _ = config.layer_shape(attn.layer_idx)
-    group = config.num_attention_heads // config.num_key_value_heads
-    return torch.tensor([kv_heads.index(q // group) for q in q_heads], dtype=torch.long)
 
 
 def _unit_rows(units: torch.Tensor, size: int) -> torch.Tensor:

@@ -44,3 +44,17 @@ def training_curve(losses: list[float], title: str):
     ax.set_title(title)
     fig.tight_layout()
     return fig
+
+
+def obs_losses(losses: dict[str, list[list[float]]]):
+    """OBS reconstruction loss per level, one line per layer, for attention and MLP."""
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
+    for ax, (module, per_layer) in zip(axes, losses.items()):
+        for i, curve in enumerate(per_layer):
+            ax.plot(range(len(curve)), [max(v, 1e-12) for v in curve], label=f"layer {i}")
+        ax.set_yscale("log")
+        ax.set_xlabel("level")
+        ax.set_title(f"{module}: OBS loss")
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    return fig

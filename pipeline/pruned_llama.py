@@ -58,8 +58,8 @@ class PrunedAttention(LlamaAttention):
         even = self.num_kv_heads > 0 and kv_map == [i // (self.num_heads // self.num_kv_heads)
                                                      for i in range(self.num_heads)]
         self.num_key_value_groups = self.num_heads // self.num_kv_heads if even else 1
-        self.register_buffer("kv_index", None if even else torch.tensor(kv_map, dtype=torch.long),
-                             persistent=False)
+        self.kv_map = None if even else kv_map
+        self._kv_index: torch.Tensor | None = None  # not a buffer: meta-device loading would leave it empty
         bias = config.attention_bias
         self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=bias)
         self.k_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
@@ -82,14 +82,21 @@ class PrunedAttention(LlamaAttention):
         query, key = apply_rotary_pos_emb(query, key, cos, sin)
         if cache is not None:
             key, value = cache.update(key, value, self.layer_idx, kwargs=kwargs)
-        if self.kv_index is not None:
-            key, value = key.index_select(1, self.kv_index), value.index_select(1, self.kv_index)
+        if self.kv_map is not None:
+            index = self._kv_index_on(key.device)
+            key, value = key.index_select(1, index), value.index_select(1, index)
         attention: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
             self.config._attn_implementation, eager_attention_forward)
         output, weights = attention(self, query, key, value, attention_mask,
                                     dropout=0.0 if not self.training else self.attention_dropout,
                                     scaling=self.scaling, **kwargs)
         return self.o_proj(output.reshape(*input_shape, -1).contiguous()), weights
+
+
+    def _kv_index_on(self, device) -> torch.Tensor:
+        if self._kv_index is None or self._kv_index.device != device:
+            self._kv_index = torch.tensor(self.kv_map, dtype=torch.long, device=device)
+        return self._kv_index
 
 
 class PrunedMLP(LlamaMLP):

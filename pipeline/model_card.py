@@ -1,0 +1,45 @@
+"""The README.md written into an exported pruned model folder."""
+from __future__ import annotations
+
+import json
+
+from pipeline.config import Params
+from pipeline.stage import section_dicts
+
+
+def model_card(params: Params, name: str, levels: dict, dense_params: int, pruned_params: int) -> str:
+    sections = section_dicts(params, ("model", "data", "database", "search", "finetune"))
+    layers = "\n".join(f"| {i} | {a} | {m} |" for i, (a, m) in enumerate(zip(levels["attn"], levels["mlp"])))
+    return f"""---
+library_name: transformers
+tags: [pruned, structured-pruning, darwinlm]
+---
+# {'DarwinLM-searched' if name == 'searched' else 'Uniformly'} pruned `{params.model.name_or_path}`
+
+Structurally pruned with darwinlm-pipeline: whole attention heads and MLP neurons removed
+({'per-layer levels found by evolutionary search' if name == 'searched' else 'every layer at the same level: the uniform baseline'}),
+output projections corrected by structured OBS, then trained {params.finetune.steps} steps.
+
+- Parameters: {dense_params:,} (dense) -> {pruned_params:,} ({pruned_params / dense_params:.1%})
+- Target: remove {params.search.target:.0%} of attention+MLP parameters (removed {levels['removed_fraction']:.1%})
+
+## Load
+
+```python
+from transformers import AutoModelForCausalLM, AutoTokenizer
+model = AutoModelForCausalLM.from_pretrained(PATH, trust_remote_code=True)
+tokenizer = AutoTokenizer.from_pretrained(PATH)
+```
+
+## Levels per layer (0 = dense, {params.database.levels} = module removed)
+
+| layer | attention level | MLP level |
+|---|---|---|
+{layers}
+
+## Params used
+
+```json
+{json.dumps(sections, indent=1)}
+```
+"""

@@ -1,0 +1,69 @@
+"""Where each stage writes, and writing so that an interrupted stage never leaves a half output
+that looks complete: everything goes to a temporary sibling first and is renamed into place."""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+BASE = Path("base")
+BASE_MODEL = BASE / "model"
+DEMO_CORPUS = BASE / "corpus"
+RESOLVED = BASE / "resolved.json"
+TOKENS = Path("data/tokens")
+DATABASE = Path("database")
+LEVELS = Path("levels")
+SEARCH_HISTORY = Path("search/history.csv")
+MODELS = {"searched": Path("models/pruned"), "uniform": Path("models/uniform")}
+METRICS = Path("metrics")
+PLOTS = Path("plots")
+
+
+def metrics_path(stage: str) -> Path:
+    return METRICS / f"{stage.replace('@', '_')}.json"
+
+
+def levels_path(name: str) -> Path:
+    return LEVELS / f"{name}.json"
+
+
+@contextlib.contextmanager
+def atomic_dir(path: Path):
+    """Yield an empty temporary folder; on success it replaces `path` in one rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it private; the output is an ordinary folder
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if path.exists():
+        old = path.with_name(f".{path.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(path, old)
+        shutil.rmtree(old, ignore_errors=True)
+    os.replace(tmp, path)
+
+
+def write_json(path: Path, data) -> None:
+    write_text(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
+
+
+def write_text(path: Path, text: str) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def read_json(path: Path):
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"'{path}' not found: run the stage that produces it (dvc repro)")
+    return json.loads(path.read_text())

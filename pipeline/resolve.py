@@ -1,0 +1,39 @@
+"""What a real `model.name_or_path` resolves to, checked without loading its weights."""
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from pipeline.config import ConfigError, ModelParams
+from pipeline.modeling import count_params, structure_of
+
+
+def describe_model(p: ModelParams) -> dict:
+    """Identity (hub id + revision, or folder + content hash), architecture and size; refuses
+    models without the Llama block layout before anything is downloaded or loaded."""
+    try:
+        config = AutoConfig.from_pretrained(p.name_or_path, revision=p.revision)
+    except OSError as err:
+        raise ConfigError(f"model.name_or_path '{p.name_or_path}' cannot be resolved: {err}") from None
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(config)
+    structure = structure_of(skeleton)
+    folder = Path(p.name_or_path)
+    identity = {"kind": "folder", "folder_sha256": folder_hash(folder)} if folder.is_dir() else \
+        {"kind": "hub", "revision": p.revision or "main"}
+    return {"name_or_path": p.name_or_path, **identity, "model_type": config.model_type,
+            "parameters": count_params(skeleton), "structure": structure.__dict__}
+
+
+def folder_hash(folder: Path) -> str:
+    """sha256 over the relative names and contents of every file in the folder."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        digest.update(str(path.relative_to(folder)).encode())
+        with path.open("rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()

@@ -1,0 +1,69 @@
+"""What every stage script shares: validated params, an MLflow run, progress lines, the metrics
+JSON (with the run id), and user errors reported as one clear line instead of a traceback."""
+from __future__ import annotations
+
+import dataclasses
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from pipeline import tracking
+from pipeline.config import ConfigError, Params, load_params
+from pipeline.data import CorpusError
+from pipeline.modeling import ModelStructureError
+from pipeline.outputs import BASE_MODEL, TOKENS, metrics_path, write_json
+
+USER_ERRORS = (ConfigError, CorpusError, ModelStructureError, FileNotFoundError)
+PARAMS_FILE = "params.yaml"
+_start = time.time()
+
+
+def log(stage: str, message: str) -> None:
+    print(f"[{stage} {time.time() - _start:7.1f}s] {message}", flush=True)
+
+
+def run_stage(name: str, sections: tuple[str, ...], body: Callable[[Params, Callable[[str], None]], dict],
+              close_pipeline: bool = False) -> None:
+    """Validate params.yaml, run `body(params, say)` inside the stage's MLflow run, write
+    metrics/<stage>.json with the returned metrics and the run id."""
+    try:
+        params = load_params(PARAMS_FILE)
+    except ConfigError as err:
+        sys.exit(f"error in {PARAMS_FILE}: {err}")
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    all_params = section_dicts(params, tuple(f.name for f in dataclasses.fields(params)))
+
+    def say(message: str) -> None:
+        log(name, message)
+
+    try:
+        with tracking.stage_run(name, section_dicts(params, sections), all_params, params.tracking.experiment,
+                                enabled=params.tracking.enabled, close_pipeline=close_pipeline) as run:
+            started = time.time()
+            metrics = body(params, say)
+            metrics["seconds"] = round(time.time() - started, 2)
+            tracking.log_metrics({"seconds": metrics["seconds"]})
+            metrics["mlflow_run_id"] = run.info.run_id
+            write_json(metrics_path(name), metrics)
+    except USER_ERRORS as err:
+        sys.exit(f"error in stage {name}: {err}")
+    say(f"done in {metrics['seconds']:.1f}s")
+
+
+def section_dicts(params: Params, sections: tuple[str, ...]) -> dict:
+    return {s: dataclasses.asdict(getattr(params, s)) for s in sections}
+
+
+def model_source(params: Params) -> str:
+    """Where the dense model is loaded from: the demo's pretrained folder or the user's model."""
+    return str(BASE_MODEL) if params.is_demo else params.model.name_or_path
+
+
+def load_tokens(name: str) -> torch.Tensor:
+    path = Path(TOKENS) / f"{name}.pt"
+    if not path.is_file():
+        raise FileNotFoundError(f"token set '{path}' not found: run the calibration stage (dvc repro)")
+    return torch.load(path)

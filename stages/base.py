@@ -1,0 +1,54 @@
+"""Stage base: the dense model. Demo: pretrain the embedded default. Real model: record what
+`model.name_or_path` resolves to (no weights are copied)."""
+import json
+
+import torch
+
+from pipeline import tracking
+from pipeline.data import token_stream, windows
+from pipeline.demo import pretrain_demo, stdlib_corpus, train_tokenizer
+from pipeline.modeling import count_params
+from pipeline.outputs import BASE, BASE_MODEL, DEMO_CORPUS, RESOLVED, atomic_dir, write_json
+from pipeline.plots import training_curve
+from pipeline.resolve import describe_model
+from pipeline.stage import run_stage
+
+
+def main(params, say):
+    if not params.is_demo:
+        resolved = describe_model(params.model)
+        say(f"resolved {resolved['name_or_path']}: {resolved['parameters']:,} parameters")
+        write_json(RESOLVED, resolved)
+        return {"parameters": resolved["parameters"]}
+    p = params.demo
+    torch.manual_seed(p.seed)
+    train_docs, eval_docs, corpus = stdlib_corpus(p.corpus_bytes, p.eval_bytes)
+    say(f"stdlib corpus: {corpus['train_files']} train files ({corpus['train_bytes']:,} B), "
+        f"{corpus['eval_files']} eval files ({corpus['eval_bytes']:,} B)")
+    tokenizer = train_tokenizer(train_docs, p.vocab_size)
+    tokenizer.model_max_length = p.seq_len
+    sequences = windows(token_stream(train_docs, tokenizer), p.seq_len)
+    say(f"BPE vocabulary {len(tokenizer)}; {sequences.numel():,} training tokens; pretraining {p.steps} steps")
+
+    def on_step(step, values):
+        tracking.log_metrics(values, step=step)
+        if step % 50 == 0 or step == p.steps - 1:
+            say(f"pretrain step {step + 1}/{p.steps} loss {values['loss']:.3f}")
+
+    model, losses = pretrain_demo(p, sequences, tokenizer, on_step=on_step)
+    with atomic_dir(BASE) as tmp:
+        model.save_pretrained(tmp / BASE_MODEL.name)
+        tokenizer.save_pretrained(tmp / BASE_MODEL.name)
+        (tmp / DEMO_CORPUS.name).mkdir()
+        for split, docs in (("train", train_docs), ("eval", eval_docs)):
+            (tmp / DEMO_CORPUS.name / f"{split}.jsonl").write_text(
+                "".join(json.dumps({"text": d}) + "\n" for d in docs))
+        resolved = {"kind": "demo", "name_or_path": str(BASE_MODEL), "parameters": count_params(model),
+                    "corpus": corpus, "config": model.config.to_dict()}
+        (tmp / RESOLVED.name).write_text(json.dumps(resolved, indent=2, default=str))
+    tracking.log_figure(training_curve(losses, "demo pretraining"), "pretrain_loss.png")
+    return {"parameters": count_params(model), "final_loss": sum(losses[-20:]) / len(losses[-20:])}
+
+
+if __name__ == "__main__":
+    run_stage("base", ("model", "demo"), main)

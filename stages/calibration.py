@@ -1,0 +1,33 @@
+"""Stage calibration: tokenize the corpora into the disjoint calib / fitness / train sets and the
+held-out eval set, drawn once (seeded) and saved."""
+import torch
+from transformers import AutoTokenizer
+
+from pipeline.data import eval_set, read_documents, split_train_sets, token_stream
+from pipeline.outputs import DEMO_CORPUS, TOKENS, atomic_dir, write_json
+from pipeline.stage import model_source, run_stage
+
+
+def main(params, say):
+    tokenizer = AutoTokenizer.from_pretrained(model_source(params), revision=params.model.revision)
+    p = params.data
+    sets = {}
+    for source_key, split in (("train", "train"), ("eval", "eval")):
+        documents = read_documents(getattr(p, source_key), DEMO_CORPUS, split)
+        if not any(d.strip() for d in documents):
+            raise FileNotFoundError(f"data.{source_key} has no text (empty corpus)")
+        stream = token_stream(documents, tokenizer)
+        say(f"data.{source_key}: {len(documents):,} documents -> {len(stream):,} tokens")
+        if source_key == "train":
+            sets.update(split_train_sets(stream, p))
+        else:
+            sets["eval"] = eval_set(stream, p)
+    with atomic_dir(TOKENS) as tmp:
+        for name, tensor in sets.items():
+            torch.save(tensor, tmp / f"{name}.pt")
+        write_json(tmp / "summary.json", {name: list(t.shape) for name, t in sets.items()})
+    return {f"tokens.{name}": t.numel() for name, t in sets.items()}
+
+
+if __name__ == "__main__":
+    run_stage("calibration", ("model", "data"), main)

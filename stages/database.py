@@ -1,0 +1,37 @@
+"""Stage database: Hessians of the dense model on the calib set, then structured OBS for every
+(layer, module) and compact storage of each level."""
+import torch
+
+from pipeline import tracking
+from pipeline.database import build_database, collect_hessians
+from pipeline.modeling import MODULE_TYPES, load_dense, structure_of
+from pipeline.outputs import DATABASE, atomic_dir
+from pipeline.plots import obs_losses
+from pipeline.stage import load_tokens, model_source, run_stage
+
+
+def main(params, say):
+    p = params.database
+    model, _ = load_dense(model_source(params), params.model.dtype, params.model.revision)
+    structure = structure_of(model)
+    calib = load_tokens("calib")
+    say(f"{structure.num_layers} layers, {structure.num_heads} query heads / {structure.num_kv_heads} kv heads, "
+        f"{structure.intermediate_size} neurons; Hessians over {calib.numel():,} tokens")
+    hessians = collect_hessians(model, structure, calib, p.batch_size, getattr(torch, p.hessian_dtype),
+                                on_batch=lambda i, n: say(f"calibration batch {i}/{n}") if i == n or i % 10 == 0
+                                else None)
+
+    def on_module(layer, module, losses):
+        say(f"layer {layer + 1}/{structure.num_layers} {module}: OBS loss at half level {losses[len(losses) // 2]:.4g}")
+
+    with atomic_dir(DATABASE) as tmp:
+        manifest = build_database(model, structure, hessians, p.levels, p.damp, tmp,
+                                  identity={"model": model_source(params), "calib_tokens": calib.numel()},
+                                  on_module=on_module)
+    tracking.log_figure(obs_losses(manifest["obs_loss"]), "obs_loss.png")
+    total = {m: sum(layer[len(layer) // 2] for layer in manifest["obs_loss"][m]) for m in MODULE_TYPES}
+    return {"levels": p.levels, "obs_loss_half_level": total}
+
+
+if __name__ == "__main__":
+    run_stage("database", ("database",), main)

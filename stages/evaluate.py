@@ -1,0 +1,55 @@
+"""Stage evaluate: perplexity on the held-out eval set of the dense model, the searched and the
+uniform models (one-shot and finetuned), sizes, and one self-contained MLflow run for comparison."""
+
+from pipeline import tracking
+from pipeline.database import Database
+from pipeline.evaluate import perplexity
+from pipeline.export import load_pruned
+from pipeline.modeling import count_params, load_dense, materialize
+from pipeline.outputs import DATABASE, MODELS, levels_path, metrics_path, read_json
+from pipeline.plots import layer_structure
+from pipeline.stage import load_tokens, model_source, run_stage
+
+UPSTREAM = ("base", "calibration", "database", "uniform", "search", "finetune@searched", "finetune@uniform")
+
+
+def main(params, say):
+    batch = params.evaluate.batch_size
+    eval_tokens = load_tokens("eval")
+    db = Database(DATABASE)
+    dense, _ = load_dense(model_source(params), params.model.dtype, params.model.revision)
+    ppl = {"dense": perplexity(dense, eval_tokens, batch)}
+    say(f"dense perplexity {ppl['dense']:.3f} on {eval_tokens.numel():,} eval tokens")
+    sizes = {"dense": count_params(dense)}
+    structures = {}
+    for name in ("searched", "uniform"):
+        levels = read_json(levels_path(name))
+        oneshot = materialize(dense, db.structure, db.weights_for(levels))
+        ppl[f"{name}_oneshot"] = perplexity(oneshot, eval_tokens, batch)
+        finetuned = load_pruned(MODELS[name])
+        ppl[f"{name}_finetuned"] = perplexity(finetuned, eval_tokens, batch)
+        sizes[name] = count_params(finetuned)
+        structures[name] = {"heads": [len(h) for h in finetuned.config.layer_q_heads],
+                            "neurons": list(finetuned.config.layer_intermediate_sizes)}
+        say(f"{name}: one-shot {ppl[f'{name}_oneshot']:.3f}, finetuned {ppl[f'{name}_finetuned']:.3f}, "
+            f"{sizes[name]:,} parameters")
+    upstream = {stage: read_json(metrics_path(stage)).get("mlflow_run_id") for stage in UPSTREAM}
+    tracking.set_tags({f"upstream.{stage}": run_id for stage, run_id in upstream.items() if run_id})
+    tracking.log_figure(layer_structure(structures, db.structure.num_heads, db.structure.intermediate_size),
+                        "layer_structure.png")
+    metrics = {
+        "ppl": {"dense": ppl["dense"], "searched_oneshot": ppl["searched_oneshot"],
+                "searched_finetuned": ppl["searched_finetuned"], "uniform_oneshot": ppl["uniform_oneshot"],
+                "uniform_finetuned": ppl["uniform_finetuned"]},
+        "gain_over_uniform": {"oneshot": ppl["uniform_oneshot"] / ppl["searched_oneshot"] - 1,
+                              "finetuned": ppl["uniform_finetuned"] / ppl["searched_finetuned"] - 1},
+        "params": {"dense": sizes["dense"], "pruned": sizes["searched"], "uniform": sizes["uniform"],
+                   "ratio": sizes["searched"] / sizes["dense"]},
+    }
+    tracking.log_metrics({k: v for k, v in metrics.items() if k in ("ppl", "gain_over_uniform", "params")})
+    return metrics
+
+
+if __name__ == "__main__":
+    all_sections = ("model", "demo", "data", "database", "search", "finetune", "evaluate", "tracking")
+    run_stage("evaluate", all_sections, main, close_pipeline=True)

@@ -1,0 +1,54 @@
+"""Stage finetune@<searched|uniform>: materialise the levels as a physically smaller model, train
+it (causal-LM loss, optionally distilled from the dense model) and save a Hugging Face folder."""
+import argparse
+
+import pandas as pd
+
+from pipeline import tracking
+from pipeline.database import Database
+from pipeline.export import save_pruned
+from pipeline.modeling import count_params, load_dense, materialize
+from pipeline.model_card import model_card
+from pipeline.outputs import DATABASE, MODELS, PLOTS, atomic_dir, levels_path, read_json, write_text
+from pipeline.plots import training_curve
+from pipeline.stage import load_tokens, model_source, run_stage
+from pipeline.train import train_causal_lm
+
+
+def main(name, params, say):
+    p = params.finetune
+    levels = read_json(levels_path(name))
+    db = Database(DATABASE)
+    dense, tokenizer = load_dense(model_source(params), params.model.dtype, params.model.revision)
+    model = materialize(dense, db.structure, db.weights_for(levels))
+    train_set = load_tokens("train")
+    say(f"{name}: {count_params(dense):,} -> {count_params(model):,} parameters; training {p.steps} steps "
+        f"of {p.batch_size} x {train_set.shape[1]} tokens (distill {p.distill})")
+
+    def on_step(step, values):
+        tracking.log_metrics(values, step=step)
+        if step % 25 == 0 or step == p.steps - 1:
+            say(f"step {step + 1}/{p.steps} loss {values['loss']:.4f}")
+
+    losses = train_causal_lm(model, train_set, steps=p.steps, batch_size=p.batch_size, lr=p.lr,
+                             weight_decay=p.weight_decay, warmup_steps=p.warmup_steps, seed=p.seed,
+                             teacher=dense if p.distill > 0 else None, distill=p.distill,
+                             temperature=p.temperature, on_step=on_step)
+    model.eval()
+    out = MODELS[name]
+    card = model_card(params, name, levels, count_params(dense), count_params(model))
+    with atomic_dir(out) as tmp:
+        save_pruned(model, tokenizer, tmp, card)
+    write_text(PLOTS / f"finetune_{name}_loss.csv", pd.DataFrame({"step": range(1, len(losses) + 1),
+                                                                  "loss": losses}).to_csv(index=False))
+    if losses:
+        tracking.log_figure(training_curve(losses, f"finetune {name}"), f"finetune_{name}_loss.png")
+    tracking.log_artifacts(out, f"model_{name}")
+    return {"parameters": count_params(model), "final_loss": sum(losses[-10:]) / max(1, len(losses[-10:]))}
+
+
+if __name__ == "__main__":
+    args = argparse.ArgumentParser(description=__doc__)
+    args.add_argument("name", choices=sorted(MODELS))
+    name = args.parse_args().name
+    run_stage(f"finetune@{name}", ("finetune",), lambda params, say: main(name, params, say))

@@ -1,0 +1,20 @@
+"""Stage uniform: the baseline with every module at (nearly) the same level and exactly the
+searched model's level sums, hence the same size."""
+from pipeline.database import Database
+from pipeline.outputs import DATABASE, levels_path, write_json
+from pipeline.search import prunable_params, uniform_levels
+from pipeline.stage import run_stage
+
+
+def main(params, say):
+    db = Database(DATABASE)
+    levels = uniform_levels(params.search.target, db.levels, db.structure.num_layers)
+    kept = prunable_params(db, levels)
+    removed = 1 - kept / db.structure.dense_prunable_params
+    say(f"uniform levels {levels['attn']} (attn) {levels['mlp']} (mlp): removes {removed:.1%} of attention+MLP")
+    write_json(levels_path("uniform"), {**levels, "prunable_params": kept, "removed_fraction": removed})
+    return {"removed_fraction": removed, "prunable_params": kept}
+
+
+if __name__ == "__main__":
+    run_stage("uniform", ("search",), main)

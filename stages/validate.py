@@ -1,0 +1,22 @@
+"""Stage validate: check the whole params file (and that the model resolves) before any stage
+runs, so a bad value stops `dvc repro` before DVC removes the outputs of an earlier good run.
+
+Its output never changes content, so a successful check re-runs nothing downstream."""
+import sys
+
+from pipeline.config import ConfigError, load_params
+from pipeline.modeling import ModelStructureError
+from pipeline.outputs import write_json
+from pipeline.resolve import describe_model
+
+CHECKED = "checks/params.json"
+
+if __name__ == "__main__":
+    try:
+        params = load_params("params.yaml")
+        if not params.is_demo:
+            describe_model(params.model)
+    except (ConfigError, ModelStructureError) as err:
+        sys.exit(f"error in params.yaml: {err}")
+    write_json(CHECKED, {"params.yaml": "valid"})
+    print("[validate] params.yaml is valid", flush=True)
