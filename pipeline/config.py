@@ -238,6 +238,12 @@ class Params:
     def check(self) -> None:
         for f in dataclasses.fields(self):
             getattr(self, f.name).check(f.name)
+        for i, stage in enumerate(self.search.schedule):
+            for kind in ("fitness", "train"):
+                asked, available = getattr(stage, f"{kind}_tokens"), getattr(self.data, f"{kind}_tokens")
+                if asked > available:
+                    raise ConfigError(f"search.schedule[{i}].{kind}_tokens ({asked}) exceeds data.{kind}_tokens "
+                                      f"({available}), the {kind} set it draws from")
         if not self.is_demo:
             for name in ("train", "eval"):
                 if getattr(self.data, name) == "demo":
@@ -290,14 +296,14 @@ def _convert(hint, value, key: str):
         options = typing.get_args(hint)
         if value is None and type(None) in options:
             return None
-        errors = []
-        for option in options:
-            if option is type(None):
-                continue
+        shaped = [o for o in options if o is not type(None) and _same_shape(o, value)]
+        if len(shaped) == 1:  # e.g. a mapping can only be the dataclass option: report its own error
+            return _convert(shaped[0], value, key)
+        for option in shaped:
             try:
                 return _convert(option, value, key)
-            except ConfigError as err:
-                errors.append(str(err))
+            except ConfigError:
+                pass
         raise ConfigError(f"{key}: {value!r} is not valid; expected {_describe(hint)}")
     if origin in (list, tuple):
         (item,) = typing.get_args(hint)[:1]
@@ -329,6 +335,14 @@ def _convert(hint, value, key: str):
             raise ConfigError(f"{key}: expected a string, got {type(value).__name__} {value!r}")
         return value
     raise TypeError(f"unsupported params type {hint} for {key}")
+
+
+def _same_shape(hint, value) -> bool:
+    if isinstance(value, dict):
+        return dataclasses.is_dataclass(hint)
+    if isinstance(value, list):
+        return typing.get_origin(hint) in (list, tuple)
+    return not dataclasses.is_dataclass(hint) and typing.get_origin(hint) not in (list, tuple)
 
 
 def _describe(hint) -> str:

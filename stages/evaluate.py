@@ -34,7 +34,7 @@ def main(params, say):
         say(f"{name}: one-shot {ppl[f'{name}_oneshot']:.3f}, finetuned {ppl[f'{name}_finetuned']:.3f}, "
             f"{sizes[name]:,} parameters")
     upstream = {stage: read_json(metrics_path(stage)).get("mlflow_run_id") for stage in UPSTREAM}
-    tracking.set_tags({f"upstream.{stage}": run_id for stage, run_id in upstream.items() if run_id})
+    tracking.set_tags({f"upstream.{stage.replace('@', '_')}": run_id for stage, run_id in upstream.items() if run_id})
     tracking.log_figure(layer_structure(structures, db.structure.num_heads, db.structure.intermediate_size),
                         "layer_structure.png")
     metrics = {

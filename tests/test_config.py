@@ -1,0 +1,83 @@
+"""params.yaml validation: every class of bad input names the key and what is valid."""
+import dataclasses
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline.config import ConfigError, Params, load_params
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _write(tmp_path, edit):
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    edit(raw)
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def test_shipped_params_are_valid_and_equal_the_documented_defaults():
+    params = load_params(ROOT / "params.yaml")
+    defaults = Params()
+    for section in ("model", "data", "database", "evaluate", "tracking"):
+        assert getattr(params, section) == getattr(defaults, section), section
+
+
+@pytest.mark.parametrize("edit,message", [
+    (lambda r: r["search"].update(targt=0.5), "unknown key 'search.targt'"),
+    (lambda r: r.update(serach={}), "unknown key 'serach'"),
+    (lambda r: r["search"].update(target=1.5), "search.target is 1.5"),
+    (lambda r: r["search"].update(target=0), "0 < target < 1"),
+    (lambda r: r["search"].update(target="half"), "search.target: expected a number"),
+    (lambda r: r["search"].update(generations=2.5), "search.generations: expected an integer"),
+    (lambda r: r["tracking"].update(enabled="yes"), "tracking.enabled: expected true or false"),
+    (lambda r: r["model"].update(dtype="float8"), "model.dtype is 'float8'"),
+    (lambda r: r["model"].update(name_or_path="./no/such/folder"), "folder './no/such/folder' does not exist"),
+    (lambda r: r["data"].update(train="/no/such/file.txt"), "data.train: text file '/no/such/file.txt' not found"),
+    (lambda r: r["data"].update(train=[]), "data.train is an empty list"),
+    (lambda r: r["data"].update(eval={"path": "x", "colour": 1}), "unknown key 'data.eval.colour'"),
+    (lambda r: r["database"].update(levels=1), "database.levels is 1"),
+    (lambda r: r["search"].update(schedule=[]), "search.schedule is empty"),
+    (lambda r: r["search"].update(schedule=[{"survivors": 1}]), "missing required key 'fitness_tokens'"),
+    (lambda r: r["search"].update(schedule=[{"survivors": 4, "fitness_tokens": 8},
+                                            {"survivors": 8, "fitness_tokens": 8}]), "survivors must shrink"),
+    (lambda r: r["search"].update(schedule=[{"survivors": 2, "fitness_tokens": 8}]), "must keep exactly 1"),
+    (lambda r: r["search"].update(schedule=[{"survivors": 1, "fitness_tokens": 10**9}]),
+     "exceeds data.fitness_tokens"),
+    (lambda r: r["finetune"].update(distill=2), "finetune.distill is 2"),
+    (lambda r: r["data"].update(seq_len=4096), "exceeds the demo model's context"),
+    (lambda r: r["model"].update(name_or_path="org/model"), "data.train is 'demo' but model.name_or_path"),
+])
+def test_bad_params_are_refused_with_the_key_named(tmp_path, edit, message):
+    with pytest.raises(ConfigError, match=_escape(message)):
+        load_params(_write(tmp_path, edit))
+
+
+def _escape(text):
+    import re
+    return re.escape(text)
+
+
+def test_missing_or_broken_params_file(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_params(tmp_path / "nope.yaml")
+    (tmp_path / "p.yaml").write_text("search: [unclosed")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_params(tmp_path / "p.yaml")
+
+
+def test_dataset_spec_and_file_lists_parse(tmp_path):
+    text = tmp_path / "a.txt"
+    text.write_text("hello")
+    params = load_params(_write(tmp_path, lambda r: r["data"].update(
+        train=[str(text), str(text)], eval={"path": "wikitext", "name": "wikitext-2-raw-v1", "split": "test"})))
+    assert params.data.train == [str(text), str(text)]
+    assert params.data.eval.name == "wikitext-2-raw-v1" and params.data.eval.text_field == "text"
+    assert dataclasses.asdict(params)["data"]["eval"]["split"] == "test"
+
+
+def test_scientific_notation_without_dot_is_a_number(tmp_path):
+    params = load_params(_write(tmp_path, lambda r: r["search"].update(train_lr="1e-5")))
+    assert params.search.train_lr == 1e-5

@@ -1,0 +1,179 @@
+"""The whole pipeline for real: `dvc repro` on a tiny config in a temporary git repo, its outputs,
+the MLflow runs in the repo-root sqlite store, selective re-runs, bad params, and `dvc exp run`."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from conftest import ROOT
+
+TINY = {
+    "demo": dict(corpus_bytes=150_000, eval_bytes=40_000, vocab_size=300, hidden_size=32, num_layers=2,
+                 num_heads=4, num_kv_heads=2, intermediate_size=48, seq_len=32, steps=30, batch_size=8),
+    "data": dict(seq_len=32, calib_tokens=2048, fitness_tokens=1024, train_tokens=2048, eval_tokens=1024),
+    "database": dict(levels=4),
+    "search": dict(generations=3, offspring=4, schedule=[{"survivors": 2, "fitness_tokens": 256, "train_tokens": 0},
+                                                        {"survivors": 1, "fitness_tokens": 1024, "train_tokens": 0}]),
+    "finetune": dict(steps=5, batch_size=4),
+    "tracking": dict(experiment="e2e"),
+}
+STAGES = ["base", "calibration", "database", "uniform", "search", "finetune@searched", "finetune@uniform", "evaluate"]
+
+
+def _env():
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
+    env.update(DVC_NO_ANALYTICS="1", MLFLOW_DISABLE_TELEMETRY="true", PYTHONUNBUFFERED="1")
+    return env
+
+
+def _run(repo, *cmd, check=True):
+    result = subprocess.run(cmd, cwd=repo, env=_env(), capture_output=True, text=True)
+    if check and result.returncode:
+        raise AssertionError(f"{' '.join(cmd)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+    return result
+
+
+def _edit_params(repo, section, **values):
+    path = repo / "params.yaml"
+    raw = yaml.safe_load(path.read_text())
+    raw[section].update(values)
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory):
+    repo = tmp_path_factory.mktemp("e2e")
+    for item in ("pipeline", "stages"):
+        shutil.copytree(ROOT / item, repo / item, ignore=shutil.ignore_patterns("__pycache__"))
+    for item in ("dvc.yaml", ".gitignore", "params.yaml"):
+        shutil.copy(ROOT / item, repo / item)
+    raw = yaml.safe_load((repo / "params.yaml").read_text())
+    for section, values in TINY.items():
+        raw[section].update(values)
+    (repo / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    _run(repo, "git", "init", "-q")
+    _run(repo, "git", "config", "user.email", "t@example.com")
+    _run(repo, "git", "config", "user.name", "test")
+    _run(repo, "dvc", "init", "-q")
+    _run(repo, "git", "add", "-A")
+    _run(repo, "git", "commit", "-qm", "tiny pipeline")
+    result = _run(repo, "dvc", "repro")
+    (repo / "repro.log").write_text(result.stdout)
+    return repo
+
+
+def _metrics(repo, name):
+    return json.loads((repo / "metrics" / f"{name}.json").read_text())
+
+
+def test_repro_produces_every_output(repo):
+    m = _metrics(repo, "evaluate")
+    for key in ("dense", "searched_oneshot", "searched_finetuned", "uniform_oneshot", "uniform_finetuned"):
+        assert 1 < m["ppl"][key] < 1000, key
+    assert m["params"]["pruned"] < m["params"]["dense"] and m["params"]["uniform"] < m["params"]["dense"]
+    levels = json.loads((repo / "levels/searched.json").read_text())
+    uniform = json.loads((repo / "levels/uniform.json").read_text())
+    assert sum(levels["attn"]) == sum(uniform["attn"]) and sum(levels["mlp"]) == sum(uniform["mlp"])
+    assert (repo / "models/pruned/config.json").is_file() and (repo / "models/uniform/README.md").is_file()
+    log = (repo / "repro.log").read_text()
+    assert "generation 3/3" in log and "layer 2/2" in log and "pretrain step" in log  # progress is shown
+
+
+def test_pruned_folder_reloads_with_the_evaluated_perplexity(repo):
+    sys.path.insert(0, str(repo))
+    from pipeline.evaluate import perplexity
+    from pipeline.export import load_pruned
+    model = load_pruned(repo / "models/pruned")
+    tokens = torch.load(repo / "data/tokens/eval.pt")
+    assert perplexity(model, tokens, 8) == pytest.approx(_metrics(repo, "evaluate")["ppl"]["searched_finetuned"],
+                                                         rel=1e-5)
+
+
+def test_mlflow_runs_nest_under_one_parent_with_tags_params_and_upstream_ids(repo):
+    from mlflow import MlflowClient
+    assert (repo / "mlflow.db").is_file() and (repo / "mlartifacts").is_dir()
+    client = MlflowClient(f"sqlite:///{repo}/mlflow.db")
+    exp = client.get_experiment_by_name("e2e")
+    runs = client.search_runs([exp.experiment_id])
+    parents = [r for r in runs if r.data.tags.get("darwinlm.role") == "pipeline"]
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    children = {r.data.tags["stage"]: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id}
+    assert sorted(children) == sorted(STAGES)
+    for stage, run in children.items():
+        assert run.data.tags["dvc_experiment"] == "workspace" and len(run.data.tags["git_commit"]) == 40
+        assert _metrics(repo, stage.replace("@", "_"))["mlflow_run_id"] == run.info.run_id
+    evaluate = children["evaluate"]
+    for stage in STAGES[:-1]:
+        assert evaluate.data.tags[f"upstream.{stage.replace('@', '_')}"] == children[stage].info.run_id
+    assert evaluate.data.params["search.target"] == "0.5" and evaluate.data.params["finetune.lr"] == "0.001"
+    assert evaluate.data.metrics["ppl.searched_oneshot"] > 0
+    fitness = client.get_metric_history(children["search"].info.run_id, "fitness")
+    assert [m.step for m in fitness] == [1, 2, 3]
+    artifacts = [a.path for a in client.list_artifacts(children["finetune@searched"].info.run_id, "model_searched")]
+    assert "model_searched/config.json" in artifacts
+    plots = [a.path for a in client.list_artifacts(children["search"].info.run_id, "plots")]
+    assert "plots/search_curve.png" in plots
+
+
+def _stale(repo):
+    status = json.loads(_run(repo, "dvc", "status", "--json").stdout or "{}")
+    return {name.split(":")[-1] for name in status} - {"validate"}
+
+
+def test_param_changes_rerun_only_the_stages_that_depend_on_them(repo):
+    original = (repo / "params.yaml").read_text()
+    try:
+        assert _stale(repo) == set()
+        _edit_params(repo, "finetune", lr=0.002)
+        assert _stale(repo) == {"finetune@searched", "finetune@uniform"}  # evaluate follows via their outputs
+        (repo / "params.yaml").write_text(original)
+        _edit_params(repo, "database", damp=0.02)
+        assert _stale(repo) == {"database"}
+        (repo / "params.yaml").write_text(original)
+        _edit_params(repo, "search", target=0.6)
+        assert _stale(repo) == {"uniform", "search"}
+    finally:
+        (repo / "params.yaml").write_text(original)
+
+
+def test_bad_params_stop_before_any_stage_and_keep_earlier_outputs(repo):
+    original = (repo / "params.yaml").read_text()
+    before = (repo / "models/pruned/model.safetensors").read_bytes()
+    try:
+        _edit_params(repo, "finetune", lr=0.002, stepz=3)
+        result = _run(repo, "dvc", "repro", check=False)
+        assert result.returncode != 0
+        assert "unknown key 'finetune.stepz'" in result.stdout + result.stderr
+        assert (repo / "models/pruned/model.safetensors").read_bytes() == before
+    finally:
+        (repo / "params.yaml").write_text(original)
+
+
+def test_dvc_experiment_runs_and_shows_beside_the_baseline(repo):
+    _run(repo, "git", "add", "-A")
+    _run(repo, "git", "commit", "-qm", "baseline results")
+    _run(repo, "dvc", "exp", "run", "-n", "target60", "-S", "search.target=0.6")
+    shown = json.loads(_run(repo, "dvc", "exp", "show", "--json").stdout)
+    rows = {}
+    for baseline in shown:
+        for entry in [baseline] + [e for exp in (baseline.get("experiments") or []) for e in exp["revs"]]:
+            data = entry.get("data") or {}
+            rows[entry.get("name") or entry["rev"]] = data
+    targets = {name: d["params"]["params.yaml"]["data"]["search"]["target"] for name, d in rows.items()
+               if d.get("params")}
+    assert 0.6 in targets.values() and 0.5 in targets.values()
+    exp_metrics = rows["target60"]["metrics"]["metrics/evaluate.json"]["data"]
+    assert exp_metrics["params"]["pruned"] < _metrics(repo, "base")["parameters"]
+    from mlflow import MlflowClient
+    client = MlflowClient(f"sqlite:///{repo}/mlflow.db")
+    runs = client.search_runs([client.get_experiment_by_name("e2e").experiment_id],
+                              "tags.stage = 'evaluate'")
+    assert {r.data.tags["dvc_experiment"] for r in runs} >= {"workspace", "target60"}
+    assert {r.data.params["search.target"] for r in runs} == {"0.5", "0.6"}
