@@ -53,7 +53,7 @@ def token_stream(documents: list[str], tokenizer, batch: int = 256) -> torch.Ten
         chunk = [d for d in documents[start:start + batch] if d.strip()]
         if not chunk:
             continue
-        for doc_ids in tokenizer(chunk, add_special_tokens=False)["input_ids"]:
+        for doc_ids in tokenizer(chunk, add_special_tokens=False, verbose=False)["input_ids"]:
             ids += ([bos] if bos is not None else []) + doc_ids + ([eos] if eos is not None else [])
     return torch.tensor(ids, dtype=torch.long)
 

@@ -36,7 +36,7 @@ def test_too_small_corpus_names_both_numbers():
 class _CharTokenizer:
     bos_token_id, eos_token_id = 1, 2
 
-    def __call__(self, texts, add_special_tokens=False):
+    def __call__(self, texts, add_special_tokens=False, verbose=True):
         return {"input_ids": [[3 + (ord(c) % 50) for c in t] for t in texts]}
 
 
