@@ -33,7 +33,6 @@ def run_stage(name: str, sections: tuple[str, ...], body: Callable[[Params, Call
         params = load_params(PARAMS_FILE)
     except ConfigError as err:
         sys.exit(f"error in {PARAMS_FILE}: {err}")
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     all_params = section_dicts(params, tuple(f.name for f in dataclasses.fields(params)))
 
     def say(message: str) -> None:
