@@ -14,6 +14,8 @@ from pathlib import Path
 
 import yaml
 
+FITNESS_KINDS = ("kl", "topk_kl", "ppl")
+
 
 class ConfigError(ValueError):
     """A params problem, phrased for the user: which key, what was given, what is valid."""
@@ -151,8 +153,14 @@ class SearchParams:
         SelectionStage(survivors=2, fitness_tokens=2048),
         SelectionStage(survivors=1, fitness_tokens=4096),
     )
-    train_lr: float = 1e-5  # training-aware selection (stages with train_tokens > 0)
-    train_batch_size: int = 1
+    tas: bool = True  # training-aware selection: train candidates on each stage's train_tokens first
+    train_lr: float = 1e-5  # AdamW learning rate of that training (constant)
+    train_batch_size: int = 1  # sequences per step of that training
+    fitness: str = "kl"  # kl | topk_kl | ppl
+    topk: int = 256  # tokens kept per position for topk_kl
+    budget: str = "levels"  # levels: level sums fixed per module type; params: total size fixed, types trade
+    budget_tolerance: float = 0.005  # budget params: allowed size deviation, fraction of dense attention+MLP
+    eval_every: int = 10  # log the parent's eval perplexity every N generations (0 = never)
     batch_size: int = 8  # sequences per forward pass when scoring fitness
     seed: int = 0
 
@@ -160,9 +168,15 @@ class SearchParams:
         if not 0 < self.target < 1:
             raise ConfigError(f"{key}.target is {self.target}: the fraction of attention+MLP parameters "
                               "to remove must satisfy 0 < target < 1")
-        for name in ("generations", "offspring", "max_level_switches", "train_batch_size", "batch_size"):
+        for name in ("generations", "offspring", "max_level_switches", "train_batch_size", "batch_size", "topk"):
             _positive(f"{key}.{name}", getattr(self, name))
         _positive(f"{key}.train_lr", self.train_lr)
+        _one_of(f"{key}.fitness", self.fitness, FITNESS_KINDS)
+        _one_of(f"{key}.budget", self.budget, ("levels", "params"))
+        if not 0 < self.budget_tolerance < 0.5:
+            raise ConfigError(f"{key}.budget_tolerance is {self.budget_tolerance}: valid is 0 < tolerance < 0.5")
+        if self.eval_every < 0:
+            raise ConfigError(f"{key}.eval_every is {self.eval_every}: must be >= 0 (0 = never)")
         if not self.schedule:
             raise ConfigError(f"{key}.schedule is empty: give at least one stage "
                               "{survivors, fitness_tokens, train_tokens}")

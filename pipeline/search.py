@@ -1,24 +1,30 @@
 """Evolutionary search over per-module levels (DESIGN.md 2.3): level-switch mutation, multi-step
-selection with KL fitness against the dense model, elitism, level sums fixed per module type.
+selection with fitness against the dense model, optional training-aware selection, elitism, a fixed
+budget (level sums per module type, or a total parameter count), and a checkpoint every generation
+so an interrupted search resumes and ends with the same result.
 
 A genotype ("levels") is {"attn": [level per layer], "mlp": [level per layer]}. Candidates are
-scored on one dense-shaped model whose output projections are swapped per module, never copied.
+scored on one dense-shaped model whose output projections are swapped per module, never copied;
+candidates that are trained first are built as physically smaller models.
 """
 from __future__ import annotations
 
+import json
 import math
+import os
 import random
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from pipeline.config import SearchParams, SelectionStage
 from pipeline.database import Database
-from pipeline.modeling import MODULE_TYPES, masked_weight, output_projection
+from pipeline.fitness import Teacher, fitness
+from pipeline.modeling import MODULE_TYPES, masked_weight, materialize, output_projection
 from pipeline.obs import column_indices
-from pipeline.train import kl_per_token, train_causal_lm
+from pipeline.train import train_causal_lm
 
 Levels = dict[str, list[int]]
 
@@ -36,21 +42,22 @@ def uniform_levels(target: float, levels: int, num_layers: int) -> Levels:
     return {m: list(per_layer) for m in MODULE_TYPES}
 
 
-def mutate(parent: Levels, max_level: int, rng: random.Random, max_switches: int) -> Levels:
-    """Level switch: n = min(U{1..m}, U{1..m}) times, within one module type move one level from
-    one module to another (sum per type unchanged, every level within 0..K)."""
+def mutate(parent: Levels, max_level: int, rng: random.Random, max_switches: int, across_types: bool = False) -> Levels:
+    """Level switch, n = min(U{1..m}, U{1..m}) times: lower one module's level by one and raise
+    another's by one, within 0..K. Within one module type (level sums fixed) unless `across_types`
+    (the parameter budget then decides what is acceptable)."""
     child = {m: list(v) for m, v in parent.items()}
     for _ in range(switch_count(rng, max_switches)):
-        module = rng.choice(MODULE_TYPES)
-        levels = child[module]
-        lower = [i for i, lv in enumerate(levels) if lv > 0]
-        raise_ = [i for i, lv in enumerate(levels) if lv < max_level]
+        modules = MODULE_TYPES if across_types else (rng.choice(MODULE_TYPES),)
+        slots = [(m, i) for m in modules for i in range(len(child[m]))]
+        lower = [(m, i) for m, i in slots if child[m][i] > 0]
+        raise_ = [(m, i) for m, i in slots if child[m][i] < max_level]
         pairs = [(a, b) for a in lower for b in raise_ if a != b]
         if not pairs:
             continue
-        a, b = rng.choice(pairs)
-        levels[a] -= 1
-        levels[b] += 1
+        (ma, a), (mb, b) = rng.choice(pairs)
+        child[ma][a] -= 1
+        child[mb][b] += 1
     return child
 
 
@@ -59,12 +66,13 @@ def switch_count(rng: random.Random, max_switches: int) -> int:
     return min(rng.randint(1, max_switches), rng.randint(1, max_switches))
 
 
-def offspring(parent: Levels, count: int, max_level: int, rng: random.Random, max_switches: int) -> list[Levels]:
-    """`count` distinct children, none equal to the parent (fewer if the space is too small)."""
+def offspring(parent: Levels, count: int, max_level: int, rng: random.Random, max_switches: int,
+              across_types: bool = False, accept: Callable[[Levels], bool] | None = None) -> list[Levels]:
+    """`count` distinct acceptable children, none equal to the parent (fewer if the space is too small)."""
     children, seen = [], {_key(parent)}
     for _ in range(count * 50):
-        child = mutate(parent, max_level, rng, max_switches)
-        if _key(child) not in seen:
+        child = mutate(parent, max_level, rng, max_switches, across_types)
+        if _key(child) not in seen and (accept is None or accept(child)):
             seen.add(_key(child))
             children.append(child)
             if len(children) == count:
@@ -76,15 +84,22 @@ def _key(levels: Levels) -> tuple:
     return tuple(tuple(levels[m]) for m in MODULE_TYPES)
 
 
-def prunable_params(db: Database, levels: Levels) -> int:
-    """Attention + MLP parameters left by `levels` (orphaned key/value heads counted as removed)."""
+def params_table(db: Database) -> dict[str, list[list[int]]]:
+    """table[module][layer][level] = attention or MLP parameters that module keeps at that level
+    (key/value heads left without query heads count as removed)."""
     s = db.structure
-    total = 0
+    table = {"attn": [], "mlp": []}
     for layer in range(s.num_layers):
-        heads = db.level_weight(layer, "attn", levels["attn"][layer])[0].tolist()
-        total += s.attention_params(len(heads), len(s.kv_heads_used(heads)))
-        total += s.mlp_params(db.kept_units("mlp", levels["mlp"][layer]))
-    return total
+        heads = [db.level_weight(layer, "attn", k)[0].tolist() for k in range(db.levels + 1)]
+        table["attn"].append([s.attention_params(len(h), len(s.kv_heads_used(h))) for h in heads])
+        table["mlp"].append([s.mlp_params(db.kept_units("mlp", k)) for k in range(db.levels + 1)])
+    return table
+
+
+def prunable_params(db: Database, levels: Levels, table: dict | None = None) -> int:
+    """Attention + MLP parameters left by `levels`."""
+    table = table or params_table(db)
+    return sum(table[m][layer][lv] for m in MODULE_TYPES for layer, lv in enumerate(levels[m]))
 
 
 class LevelSwapper:
@@ -103,27 +118,6 @@ class LevelSwapper:
                     self._set(layer, module, level)
                     self.current[module][layer] = level
 
-    def reload(self) -> None:
-        """Rewrite every module at its current level (after training changed the weights)."""
-        for module in MODULE_TYPES:
-            for layer, level in enumerate(self.current[module]):
-                self._set(layer, module, level)
-
-    @torch.no_grad()
-    def zero_pruned(self) -> None:
-        """Keep pruned columns at zero (called after every training step)."""
-        for module in MODULE_TYPES:
-            for layer, level in enumerate(self.current[module]):
-                if level:
-                    proj = output_projection(self.model, layer, module)
-                    proj.weight[:, self._pruned_columns(layer, module, level)] = 0
-
-    def _pruned_columns(self, layer: int, module: str, level: int) -> torch.Tensor:
-        kept = column_indices(self.db.level_weight(layer, module, level)[0], self.db.structure.unit_size(module))
-        mask = torch.ones(output_projection(self.model, layer, module).in_features, dtype=torch.bool)
-        mask[kept] = False
-        return mask.nonzero().squeeze(1)
-
     @torch.no_grad()
     def _set(self, layer: int, module: str, level: int) -> None:
         units, weight = self.db.level_weight(layer, module, level)
@@ -133,91 +127,109 @@ class LevelSwapper:
         self.swaps += 1
 
 
-@torch.no_grad()
-def teacher_logprobs(model, sequences: torch.Tensor, batch_size: int) -> torch.Tensor:
-    """Dense log-probabilities for every position of the fitness set, computed once."""
-    out = [F.log_softmax(model(input_ids=b).logits.float(), dim=-1) for b in torch.split(sequences, batch_size)]
-    return torch.cat(out)
-
-
-@torch.no_grad()
-def kl_fitness(model, sequences: torch.Tensor, teacher: torch.Tensor, batch_size: int) -> float:
-    """Mean per-token KL(P_dense || P_candidate): lower is better."""
-    total, count = 0.0, 0
-    for batch, target in zip(torch.split(sequences, batch_size), torch.split(teacher, batch_size)):
-        kl = kl_per_token(target, model(input_ids=batch).logits)
-        total += float(kl.sum())
-        count += kl.numel()
-    return total / count
-
-
 @dataclass
 class SearchState:
     parent: Levels
     generation: int
     rng: random.Random
-    history: list[dict]
+    history: list[dict] = field(default_factory=list)
+
+    def save(self, path: Path, key: str) -> None:
+        """Atomically, so a kill mid-write leaves the previous generation's checkpoint."""
+        version, internal, gauss = self.rng.getstate()
+        data = {"key": key, "parent": self.parent, "generation": self.generation,
+                "rng": [version, list(internal), gauss], "history": self.history}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(data))
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: Path, key: str) -> SearchState | None:
+        """The checkpointed state if it belongs to this exact search (same `key`), else None."""
+        if not path.is_file():
+            return None
+        data = json.loads(path.read_text())
+        if data.get("key") != key:
+            return None
+        rng = random.Random()
+        version, internal, gauss = data["rng"]
+        rng.setstate((version, tuple(internal), gauss))
+        return cls(data["parent"], data["generation"], rng, data["history"])
 
 
-def evolve(swapper: LevelSwapper, start: Levels, p: SearchParams, fitness_set: torch.Tensor,
-           teacher: torch.Tensor, train_set: torch.Tensor | None = None,
-           on_generation: Callable[[dict], None] | None = None) -> SearchState:
-    """Run `p.generations` generations from `start`; returns the final state (parent = result)."""
-    state = SearchState(parent=start, generation=0, rng=random.Random(p.seed), history=[])
+def budget_check(p: SearchParams, db: Database, start: Levels) -> Callable[[Levels], bool] | None:
+    """For `budget: params`, accept genotypes whose size is within the tolerance of the start's."""
+    if p.budget == "levels":
+        return None
+    table = params_table(db)
+    target = prunable_params(db, start, table)
+    slack = p.budget_tolerance * db.structure.dense_prunable_params
+    return lambda levels: abs(prunable_params(db, levels, table) - target) <= slack
+
+
+def evolve(swapper: LevelSwapper, start: Levels, p: SearchParams, fitness_set: torch.Tensor, teacher: Teacher,
+           train_set: torch.Tensor | None = None, on_generation: Callable[[dict, Levels], None] | None = None,
+           checkpoint: Path | None = None, checkpoint_key: str = "") -> SearchState:
+    """Run generations until `p.generations`; resumes from `checkpoint` when it holds this search."""
+    state = (SearchState.load(checkpoint, checkpoint_key) if checkpoint else None) or \
+        SearchState(parent=start, generation=0, rng=random.Random(p.seed))
+    accept = budget_check(p, swapper.db, start)
     max_level = swapper.db.levels
     while state.generation < p.generations:
-        children = offspring(state.parent, p.offspring, max_level, state.rng, p.max_level_switches)
+        children = offspring(state.parent, p.offspring, max_level, state.rng, p.max_level_switches,
+                             across_types=p.budget == "params", accept=accept)
         candidates = children
         record = {"generation": state.generation + 1, "offspring": len(children)}
         for s, stage in enumerate(p.schedule):
-            last = s == len(p.schedule) - 1
-            if last and state.parent not in candidates:  # elitism: the parent competes in the final stage
+            if s == len(p.schedule) - 1 and state.parent not in candidates:  # elitism
                 candidates = candidates + [state.parent]
             scores = _score_stage(swapper, candidates, stage, p, fitness_set, teacher, train_set, state.rng)
             order = sorted(range(len(candidates)), key=lambda i: scores[i])
             candidates = [candidates[i] for i in order[: stage.survivors]]
             record[f"stage{s + 1}_best"] = scores[order[0]]
-        parent_kept = candidates[0] == state.parent
+            record[f"stage{s + 1}_survivors"] = len(candidates)
+        record.update(fitness=record[f"stage{len(p.schedule)}_best"], parent_kept=candidates[0] == state.parent)
         state.parent = candidates[0]
         state.generation += 1
-        record.update(fitness=record[f"stage{len(p.schedule)}_best"], parent_kept=parent_kept)
         state.history.append(record)
+        if checkpoint:
+            state.save(checkpoint, checkpoint_key)
         if on_generation:
-            on_generation(record)
+            on_generation(record, state.parent)
     swapper.apply(state.parent)
     return state
 
 
-def _score_stage(swapper, candidates, stage: SelectionStage, p: SearchParams, fitness_set, teacher, train_set,
-                 rng: random.Random) -> list[float]:
+def _score_stage(swapper: LevelSwapper, candidates, stage: SelectionStage, p: SearchParams, fitness_set,
+                 teacher: Teacher, train_set, rng: random.Random) -> list[float]:
+    """Score every candidate on one fresh minibatch shared by all of them (trained first when the
+    stage has train_tokens and training-aware selection is on)."""
     seq_len = fitness_set.shape[1]
     n_fit = min(len(fitness_set), max(1, stage.fitness_tokens // seq_len))
     picked = torch.tensor(sorted(rng.sample(range(len(fitness_set)), n_fit)))
-    batch, target = fitness_set[picked], teacher[picked]
-    train_batch = None
-    if stage.train_tokens > 0:
+    batch, target = fitness_set[picked], teacher.subset(picked) if teacher.kind != "ppl" else teacher
+    trains = p.tas and stage.train_tokens > 0
+    if trains:
         n_train = min(len(train_set), max(1, stage.train_tokens // seq_len))
         train_batch = train_set[torch.tensor(rng.sample(range(len(train_set)), n_train))]
         train_seed = rng.randrange(2**31)
     scores = []
     for levels in candidates:
         swapper.apply(levels)
-        if train_batch is None:
-            scores.append(kl_fitness(swapper.model, batch, target, p.batch_size))
-            continue
-        scores.append(_trained_fitness(swapper, train_batch, train_seed, batch, target, p))
+        if trains:
+            scores.append(_trained_fitness(swapper, levels, train_batch, train_seed, batch, target, p))
+        else:
+            scores.append(fitness(swapper.model, batch, target, p.batch_size))
     return scores
 
 
-def _trained_fitness(swapper: LevelSwapper, train_batch, seed: int, batch, target, p: SearchParams) -> float:
-    """Training-aware selection: train the candidate briefly with its pruned structure held at zero,
-    score it, then restore the untrained weights."""
-    model = swapper.model
-    saved = {k: v.clone() for k, v in model.state_dict().items()}
+def _trained_fitness(swapper: LevelSwapper, levels: Levels, train_batch, seed: int, batch, target: Teacher,
+                     p: SearchParams) -> float:
+    """Training-aware selection: build the candidate as a physically smaller model from its database
+    weights (pruned structure cannot drift back), train it briefly, score it, discard it."""
+    candidate = materialize(swapper.model, swapper.db.structure, swapper.db.weights_for(levels))
     steps = math.ceil(len(train_batch) / p.train_batch_size)
-    train_causal_lm(model, train_batch, steps=steps, batch_size=p.train_batch_size, lr=p.train_lr,
-                    seed=seed, after_step=swapper.zero_pruned)
-    model.eval()
-    score = kl_fitness(model, batch, target, p.batch_size)
-    model.load_state_dict(saved)
-    return score
+    train_causal_lm(candidate, train_batch, steps=steps, batch_size=p.train_batch_size, lr=p.train_lr,
+                    seed=seed, warmup_steps=0, constant_lr=True)
+    return fitness(candidate, batch, target, p.batch_size)

@@ -20,10 +20,11 @@ def causal_lm_loss(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
 
 def train_causal_lm(model, sequences: torch.Tensor, *, steps: int, batch_size: int, lr: float,
                     weight_decay: float = 0.0, warmup_steps: int = 0, seed: int = 0,
-                    teacher=None, distill: float = 0.0, temperature: float = 1.0,
+                    teacher=None, distill: float = 0.0, temperature: float = 1.0, constant_lr: bool = False,
                     after_step: Callable[[], None] | None = None,
                     on_step: Callable[[int, dict], None] | None = None) -> list[float]:
-    """AdamW with linear warm-up and cosine decay over `steps` batches drawn (seeded) from `sequences`.
+    """AdamW with linear warm-up and cosine decay (or a constant rate) over `steps` batches drawn
+    (seeded) from `sequences`.
 
     loss = (1 - distill) * causal-LM + distill * T^2 * KL(teacher || student) at temperature T.
     `after_step` runs after every optimiser step (e.g. to keep pruned weights at zero).
@@ -37,7 +38,8 @@ def train_causal_lm(model, sequences: torch.Tensor, *, steps: int, batch_size: i
     gen = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr,
                                   weight_decay=weight_decay, betas=(0.9, 0.95))
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _lr_factor(s, steps, warmup_steps))
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: 1.0 if constant_lr else _lr_factor(s, steps, warmup_steps))
     was_training = model.training
     model.train()
     losses = []

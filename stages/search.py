@@ -1,12 +1,20 @@
-"""Stage search: the evolutionary search for per-module levels (DESIGN.md 2.3)."""
+"""Stage search: the evolutionary search for per-module levels (DESIGN.md 2.3). Checkpoints every
+generation (outside DVC's outputs) and resumes an interrupted search of the same inputs."""
+import dataclasses
+import hashlib
+import json
+
 import pandas as pd
 
 from pipeline import tracking
-from pipeline.database import Database
+from pipeline.database import MANIFEST, Database
+from pipeline.evaluate import perplexity
+from pipeline.fitness import fitness, teacher_bytes, teacher_targets
 from pipeline.modeling import load_dense
-from pipeline.outputs import DATABASE, SEARCH_HISTORY, levels_path, write_json, write_text
+from pipeline.outputs import (DATABASE, SEARCH_CHECKPOINT, SEARCH_HISTORY, SEARCH_STRUCTURE, TOKENS, levels_path,
+                              write_json, write_text)
 from pipeline.plots import search_curve
-from pipeline.search import LevelSwapper, evolve, kl_fitness, prunable_params, teacher_logprobs, uniform_levels
+from pipeline.search import LevelSwapper, SearchState, evolve, prunable_params, uniform_levels
 from pipeline.stage import load_tokens, model_source, run_stage
 
 
@@ -14,37 +22,67 @@ def main(params, say):
     p = params.search
     db = Database(DATABASE)
     model, _ = load_dense(model_source(params), params.model.dtype, params.model.revision)
-    fitness_set, train_set = load_tokens("fitness"), load_tokens("train")
-    vocab = model.config.vocab_size
-    say(f"dense log-probs for {fitness_set.numel():,} fitness tokens x {vocab:,} vocab "
-        f"({fitness_set.numel() * vocab * 4 / 2**20:,.0f} MiB)")
-    teacher = teacher_logprobs(model, fitness_set, p.batch_size)
+    fitness_set, train_set, eval_set = load_tokens("fitness"), load_tokens("train"), load_tokens("eval")
+    need = teacher_bytes(p.fitness, fitness_set.numel(), model.config.vocab_size, p.topk)
+    say(f"fitness {p.fitness}: dense targets for {fitness_set.numel():,} tokens take {need / 2**20:,.1f} MiB")
+    teacher = teacher_targets(model, fitness_set, p.batch_size, p.fitness, p.topk)
     start = uniform_levels(p.target, db.levels, db.structure.num_layers)
     dense = db.structure.dense_prunable_params
     kept = prunable_params(db, start)
     say(f"target {p.target:.0%} -> level sum {sum(start['attn'])} per type over {db.structure.num_layers} layers "
-        f"(K={db.levels}); attention+MLP {dense:,} -> {kept:,} parameters ({1 - kept / dense:.1%} removed)")
+        f"(K={db.levels}); attention+MLP {dense:,} -> {kept:,} parameters ({1 - kept / dense:.1%} removed); "
+        f"budget: {p.budget}; training-aware selection: {'on' if p.tas else 'off'}")
     swapper = LevelSwapper(model, db)
     swapper.apply(start)
-    start_fitness = kl_fitness(model, fitness_set, teacher, p.batch_size)
+    start_fitness = fitness(model, fitness_set, teacher, p.batch_size)
 
-    def on_generation(record):
-        tracking.log_metrics({k: v for k, v in record.items() if k != "generation"}, step=record["generation"])
-        say(f"generation {record['generation']}/{p.generations}: fitness {record['fitness']:.5f}"
-            f"{' (parent kept)' if record['parent_kept'] else ''}")
+    def on_generation(record, parent):
+        metrics = {k: v for k, v in record.items() if k != "generation"}
+        if p.eval_every and record["generation"] % p.eval_every == 0:
+            swapper.apply(parent)
+            metrics["parent_eval_ppl"] = record["parent_eval_ppl"] = perplexity(model, eval_set, p.batch_size)
+        tracking.log_metrics(metrics, step=record["generation"])
+        survivors = "/".join(str(record[k]) for k in record if k.endswith("_survivors"))
+        say(f"generation {record['generation']}/{p.generations}: fitness {record['fitness']:.5f}, "
+            f"survivors {survivors}{' (parent kept)' if record['parent_kept'] else ''}"
+            + (f", parent eval ppl {record['parent_eval_ppl']:.3f}" if "parent_eval_ppl" in record else ""))
 
-    state = evolve(swapper, start, p, fitness_set, teacher, train_set, on_generation)
-    final_fitness = kl_fitness(model, fitness_set, teacher, p.batch_size)
-    history = pd.DataFrame(state.history)
-    write_text(SEARCH_HISTORY, history.to_csv(index=False))
+    key = _checkpoint_key(params)
+    resumed = SearchState.load(SEARCH_CHECKPOINT, key)
+    if resumed:
+        say(f"resuming the interrupted search after generation {resumed.generation} ({SEARCH_CHECKPOINT})")
+    state = evolve(swapper, start, p, fitness_set, teacher, train_set, on_generation, SEARCH_CHECKPOINT, key)
+    final_fitness = fitness(model, fitness_set, teacher, p.batch_size)
+    write_text(SEARCH_HISTORY, pd.DataFrame(state.history).to_csv(index=False))
+    write_text(SEARCH_STRUCTURE, _structure_table(db, state.parent, start).to_csv(index=False))
     kept = prunable_params(db, state.parent)
     write_json(levels_path("searched"), {**state.parent, "prunable_params": kept, "removed_fraction": 1 - kept / dense})
     tracking.log_figure(search_curve(state.history), "search_curve.png")
     tracking.log_dict(state.parent, "levels.json")
     say(f"searched levels {state.parent['attn']} (attn) {state.parent['mlp']} (mlp); "
-        f"KL on the whole fitness set {start_fitness:.5f} (uniform) -> {final_fitness:.5f}")
-    return {"kl.uniform": start_fitness, "kl.searched": final_fitness, "generations": state.generation,
+        f"{p.fitness} on the whole fitness set {start_fitness:.5f} (uniform) -> {final_fitness:.5f}")
+    return {"fitness.uniform": start_fitness, "fitness.searched": final_fitness, "generations": state.generation,
             "module_swaps": swapper.swaps, "removed_fraction": 1 - kept / dense}
+
+
+def _checkpoint_key(params) -> str:
+    """Identifies the search's inputs: a checkpoint of any other search is never resumed."""
+    digest = hashlib.sha256(json.dumps({"search": dataclasses.asdict(params.search), "model": model_source(params)},
+                                       sort_keys=True).encode())
+    for path in (DATABASE / MANIFEST, TOKENS / "fitness.pt", TOKENS / "train.pt"):
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def _structure_table(db, searched, uniform) -> pd.DataFrame:
+    rows = []
+    for layer in range(db.structure.num_layers):
+        rows.append({"layer": layer,
+                     "heads_searched": db.kept_units("attn", searched["attn"][layer]),
+                     "heads_uniform": db.kept_units("attn", uniform["attn"][layer]),
+                     "neurons_searched": db.kept_units("mlp", searched["mlp"][layer]),
+                     "neurons_uniform": db.kept_units("mlp", uniform["mlp"][layer])})
+    return pd.DataFrame(rows)
 
 
 if __name__ == "__main__":

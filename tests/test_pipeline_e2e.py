@@ -18,7 +18,7 @@ TINY = {
                  num_heads=4, num_kv_heads=2, intermediate_size=48, seq_len=32, steps=30, batch_size=8),
     "data": dict(seq_len=32, calib_tokens=2048, fitness_tokens=1024, train_tokens=2048, eval_tokens=1024),
     "database": dict(levels=4),
-    "search": dict(generations=3, offspring=4, schedule=[{"survivors": 2, "fitness_tokens": 256, "train_tokens": 0},
+    "search": dict(generations=3, offspring=4, eval_every=2, schedule=[{"survivors": 2, "fitness_tokens": 256, "train_tokens": 64},
                                                         {"survivors": 1, "fitness_tokens": 1024, "train_tokens": 0}]),
     "finetune": dict(steps=5, batch_size=4),
     "tracking": dict(experiment="e2e"),

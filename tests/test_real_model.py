@@ -10,7 +10,8 @@ from pipeline.database import Database, build_database, collect_hessians
 from pipeline.evaluate import perplexity
 from pipeline.modeling import ATTN, MLP, load_dense, materialize, output_projection, structure_of
 from pipeline.resolve import describe_model
-from pipeline.search import LevelSwapper, evolve, kl_fitness, teacher_logprobs, uniform_levels
+from pipeline.fitness import fitness, teacher_targets
+from pipeline.search import LevelSwapper, evolve, uniform_levels
 
 MODEL = SHARED_DATA / "stories260K"
 TEXT = SHARED_DATA / "tinystories"
@@ -62,13 +63,13 @@ def test_obs_beats_magnitude_pruning_at_the_same_structure(built):
 
 def test_short_search_improves_on_uniform(built):
     model, db, sets, _ = built
-    teacher = teacher_logprobs(model, sets["fitness"], 8)
+    teacher = teacher_targets(model, sets["fitness"], 8, "kl")
     start = uniform_levels(0.5, db.levels, db.structure.num_layers)
     swapper = LevelSwapper(model, db)
     swapper.apply(start)
-    before = kl_fitness(model, sets["fitness"], teacher, 8)
+    before = fitness(model, sets["fitness"], teacher, 8)
     p = SearchParams(generations=8, offspring=8, schedule=(SelectionStage(2, 1024), SelectionStage(1, 4096)))
     state = evolve(swapper, start, p, sets["fitness"], teacher)
-    after = kl_fitness(model, sets["fitness"], teacher, 8)
+    after = fitness(model, sets["fitness"], teacher, 8)
     swapper.apply({m: [0] * db.structure.num_layers for m in (ATTN, MLP)})
     assert after < before and state.parent != start

@@ -7,8 +7,9 @@ import torch
 from pipeline.config import SearchParams, SelectionStage
 from pipeline.database import Database, build_database, collect_hessians
 from pipeline.modeling import structure_of
-from pipeline.search import (LevelSwapper, evolve, kl_fitness, level_sum, mutate, offspring, switch_count,
-                             teacher_logprobs, uniform_levels)
+from pipeline.fitness import fitness, teacher_targets
+from pipeline.search import (LevelSwapper, SearchState, evolve, level_sum, mutate, offspring, params_table,
+                             prunable_params, switch_count, uniform_levels)
 
 
 @pytest.mark.parametrize("target,levels,layers", [(0.5, 10, 4), (0.55, 10, 7), (0.13, 4, 3), (0.9, 10, 32)])
@@ -68,9 +69,9 @@ def setup(tiny_model, tokens, tmp_path):
     hessians = collect_hessians(tiny_model, structure, tokens, batch_size=6)
     build_database(tiny_model, structure, hessians, levels=4, damp=0.01, out_dir=tmp_path / "db", identity={})
     db = Database(tmp_path / "db")
-    fitness = torch.randint(0, 64, (8, 16), generator=torch.Generator().manual_seed(5))
-    teacher = teacher_logprobs(tiny_model, fitness, 4)
-    return db, fitness, teacher
+    fitness_set = torch.randint(0, 64, (8, 16), generator=torch.Generator().manual_seed(5))
+    teacher = teacher_targets(tiny_model, fitness_set, 4, "kl")
+    return db, fitness_set, teacher
 
 
 def _params(**kw):
@@ -81,13 +82,13 @@ def _params(**kw):
 
 
 def test_search_is_deterministic_never_worse_than_start_and_keeps_budget(tiny_model, setup):
-    db, fitness, teacher = setup
+    db, fitness_set, teacher = setup
     start = uniform_levels(0.5, db.levels, 3)
     swapper = LevelSwapper(tiny_model, db)
     swapper.apply(start)
-    start_fitness = kl_fitness(tiny_model, fitness, teacher, 4)
-    a = evolve(swapper, start, _params(), fitness, teacher)
-    b = evolve(LevelSwapper(tiny_model, db), start, _params(), fitness, teacher)
+    start_fitness = fitness(tiny_model, fitness_set, teacher, 4)
+    a = evolve(swapper, start, _params(), fitness_set, teacher)
+    b = evolve(LevelSwapper(tiny_model, db), start, _params(), fitness_set, teacher)
     assert a.parent == b.parent and [h["fitness"] for h in a.history] == [h["fitness"] for h in b.history]
     for m in start:
         assert sum(a.parent[m]) == sum(start[m])
@@ -96,7 +97,7 @@ def test_search_is_deterministic_never_worse_than_start_and_keeps_budget(tiny_mo
     assert fitness_curve == sorted(fitness_curve, reverse=True)
     assert fitness_curve[-1] <= start_fitness + 1e-9
     swapper.apply(a.parent)
-    assert kl_fitness(tiny_model, fitness, teacher, 4) == pytest.approx(fitness_curve[-1], rel=1e-6)
+    assert fitness(tiny_model, fitness_set, teacher, 4) == pytest.approx(fitness_curve[-1], rel=1e-6)
 
 
 def test_swapper_equals_fresh_application_after_many_swaps(tiny_model, setup, tokens):
@@ -113,14 +114,63 @@ def test_swapper_equals_fresh_application_after_many_swaps(tiny_model, setup, to
     torch.testing.assert_close(swapper.model(tokens).logits, fresh.model(tokens).logits)
 
 
-def test_training_aware_selection_restores_weights_and_keeps_pruned_columns_zero(tiny_model, setup):
-    db, fitness, teacher = setup
+def test_training_aware_selection_trains_copies_and_changes_the_ranking(tiny_model, setup):
+    db, fitness_set, teacher = setup
     before = {k: v.clone() for k, v in tiny_model.state_dict().items()}
-    swapper = LevelSwapper(tiny_model, db)
-    p = _params(generations=2, schedule=(SelectionStage(2, 32, train_tokens=64), SelectionStage(1, 128)))
     train_set = torch.randint(0, 64, (10, 16), generator=torch.Generator().manual_seed(6))
-    state = evolve(swapper, uniform_levels(0.5, 4, 3), p, fitness, teacher, train_set)
-    swapper.apply({m: [0, 0, 0] for m in ("attn", "mlp")})
-    for k, v in tiny_model.state_dict().items():
-        torch.testing.assert_close(v, before[k], msg=k)
-    assert len(state.history) == 2
+    schedule = (SelectionStage(2, 32, train_tokens=64), SelectionStage(1, 128, train_tokens=64))
+    trained = evolve(LevelSwapper(tiny_model, db), uniform_levels(0.5, 4, 3),
+                     _params(generations=2, schedule=schedule, train_lr=1e-2), fitness_set, teacher, train_set)
+    plain = evolve(LevelSwapper(tiny_model, db), uniform_levels(0.5, 4, 3),
+                   _params(generations=2, schedule=schedule, tas=False), fitness_set, teacher, train_set)
+    for k, v in tiny_model.state_dict().items():  # training happened on copies: only swaps touched the model
+        if "o_proj" not in k and "down_proj" not in k:
+            torch.testing.assert_close(v, before[k], msg=k)
+    assert [h["fitness"] for h in trained.history] != [h["fitness"] for h in plain.history]
+
+
+def test_interrupted_search_resumes_to_the_uninterrupted_result(tiny_model, setup, tmp_path):
+    db, fitness_set, teacher = setup
+    start = uniform_levels(0.5, 4, 3)
+    p = _params(generations=7)
+    full = evolve(LevelSwapper(tiny_model, db), start, p, fitness_set, teacher)
+
+    class Killed(Exception):
+        pass
+
+    def die_at_4(record, parent):
+        if record["generation"] == 4:
+            raise Killed
+    checkpoint = tmp_path / "ckpt.json"
+    with pytest.raises(Killed):
+        evolve(LevelSwapper(tiny_model, db), start, p, fitness_set, teacher, on_generation=die_at_4,
+               checkpoint=checkpoint, checkpoint_key="k")
+    assert SearchState.load(checkpoint, "k").generation == 4
+    assert SearchState.load(checkpoint, "other search") is None
+    resumed = evolve(LevelSwapper(tiny_model, db), start, p, fitness_set, teacher, checkpoint=checkpoint,
+                     checkpoint_key="k")
+    assert resumed.parent == full.parent and resumed.history == full.history
+
+
+def test_params_budget_trades_attention_for_mlp_within_tolerance(tiny_model, setup):
+    db, fitness_set, teacher = setup
+    start = uniform_levels(0.5, 4, 3)
+    table = params_table(db)
+    target = prunable_params(db, start, table)
+    p = _params(budget="params", budget_tolerance=0.05, generations=8, offspring=8)
+    slack = 0.05 * db.structure.dense_prunable_params
+    kids = offspring(start, 30, 4, random.Random(7), 3, across_types=True,
+                     accept=lambda lv: abs(prunable_params(db, lv, table) - target) <= slack)
+    assert kids and all(abs(prunable_params(db, k, table) - target) <= slack for k in kids)
+    assert any(sum(k["attn"]) != sum(start["attn"]) for k in kids)  # level sums per type are free now
+    state = evolve(LevelSwapper(tiny_model, db), start, p, fitness_set, teacher)
+    assert abs(prunable_params(db, state.parent, table) - target) <= slack
+
+
+def test_params_table_matches_materialized_models(tiny_model, setup):
+    from pipeline.modeling import materialize
+    db, _, _ = setup
+    levels = {"attn": [1, 4, 3], "mlp": [2, 0, 4]}
+    model = materialize(tiny_model, db.structure, db.weights_for(levels))
+    prunable = sum(p.numel() for n, p in model.named_parameters() if "_proj" in n)
+    assert prunable_params(db, levels) == prunable

@@ -1,0 +1,72 @@
+"""Measured inference speed of a causal LM on the current device: prefill throughput, decode latency
+with the KV cache, and peak memory. Each figure is the median of repeats after warm-up."""
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    import platform
+    return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _cache_bytes(cache) -> int:
+    total = 0
+    for layer in getattr(cache, "layers", []):
+        for name in ("keys", "values"):
+            t = getattr(layer, name, None)
+            if isinstance(t, torch.Tensor):
+                total += t.numel() * t.element_size()
+    return total
+
+
+@torch.no_grad()
+def measure_speed(model, *, batch_size: int = 1, prompt_len: int = 128, decode_tokens: int = 32,
+                  repeats: int = 5, warmup: int = 2, vocab_size: int | None = None) -> dict:
+    """prefill tokens/s over (batch_size x prompt_len), decode ms per generated token (one token per
+    step, KV cache on), peak memory (CUDA: allocator peak; CPU: weights + KV cache at the end)."""
+    model.eval()
+    device = next(model.parameters()).device
+    vocab = vocab_size or model.config.vocab_size
+    gen = torch.Generator().manual_seed(0)
+    prompt = torch.randint(0, vocab, (batch_size, prompt_len), generator=gen).to(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    prefill, decode, kv_bytes = [], [], 0
+    for i in range(warmup + repeats):
+        _sync(device)
+        start = time.perf_counter()
+        out = model(input_ids=prompt, use_cache=True)
+        _sync(device)
+        prefill_s = time.perf_counter() - start
+        cache, token = out.cache, out.logits[:, -1:].argmax(-1)
+        start = time.perf_counter()
+        for _ in range(decode_tokens):
+            out = model(input_ids=token, cache=cache, use_cache=True)
+            cache, token = out.cache, out.logits[:, -1:].argmax(-1)
+        _sync(device)
+        decode_s = time.perf_counter() - start
+        if i >= warmup:
+            prefill.append(prefill_s)
+            decode.append(decode_s)
+            kv_bytes = _cache_bytes(cache)
+    weights = sum(p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values())
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else weights + kv_bytes
+    return {
+        "prefill_tokens_per_s": batch_size * prompt_len / statistics.median(prefill),
+        "decode_ms_per_token": 1000 * statistics.median(decode) / decode_tokens,
+        "peak_memory_mb": peak / 2**20,
+        "kv_cache_mb": kv_bytes / 2**20,
+        "device": device_name(device),
+        "batch_size": batch_size, "prompt_len": prompt_len, "decode_tokens": decode_tokens, "repeats": repeats,
+    }
