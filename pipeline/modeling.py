@@ -113,13 +113,22 @@ def masked_weight(full_shape, kept_columns: torch.Tensor, weight: torch.Tensor) 
     return full
 
 
-def pruned_config(dense_config, structure: Structure, kept: dict) -> PrunedLlamaConfig:
+def block_features(model) -> dict:
+    """What distinguishes the supported families' attention blocks."""
+    attn = model.model.layers[0].self_attn
+    return {"qkv_bias": attn.q_proj.bias is not None, "o_bias": attn.o_proj.bias is not None,
+            "qk_norm": hasattr(attn, "q_norm") and hasattr(attn, "k_norm")}
+
+
+def pruned_config(dense_config, structure: Structure, kept: dict, families: dict) -> PrunedLlamaConfig:
     """`kept[(layer, module)]` = kept unit indices (query heads or neurons)."""
     values = dense_config.to_dict()
     for key in ("architectures", "auto_map", "model_type", "transformers_version", "dtype", "torch_dtype"):
         values.pop(key, None)
     q_heads = [sorted(int(h) for h in kept[(i, ATTN)]) for i in range(structure.num_layers)]
     values.update(
+        source_model_type=dense_config.model_type,
+        qkv_bias=families["qkv_bias"], qk_norm=families["qk_norm"], attention_bias=families["o_bias"],
         head_dim=structure.head_dim,
         layer_q_heads=q_heads,
         layer_kv_heads=[structure.kv_heads_used(q) for q in q_heads],
@@ -142,7 +151,7 @@ def materialize(dense_model, structure: Structure, level_weights: dict) -> Prune
     `level_weights[(layer, module)]` = (kept unit indices, corrected output weight on kept columns).
     """
     kept = {key: units for key, (units, _) in level_weights.items()}
-    config = pruned_config(dense_model.config, structure, kept)
+    config = pruned_config(dense_model.config, structure, kept, block_features(dense_model))
     with torch.device("meta"):
         model = PrunedLlamaForCausalLM(config)
     dtype = next(dense_model.parameters()).dtype
@@ -155,8 +164,10 @@ def materialize(dense_model, structure: Structure, level_weights: dict) -> Prune
     d = structure.head_dim
     for i in range(structure.num_layers):
         prefix = f"model.layers.{i}."
-        for norm in ("input_layernorm.weight", "post_attention_layernorm.weight"):
-            state[prefix + norm] = dense_state[prefix + norm]
+        for norm in ("input_layernorm.weight", "post_attention_layernorm.weight", "self_attn.q_norm.weight",
+                     "self_attn.k_norm.weight"):
+            if prefix + norm in dense_state:
+                state[prefix + norm] = dense_state[prefix + norm]
         q_units, o_weight = level_weights[(i, ATTN)]
         q_rows = _unit_rows(torch.as_tensor(q_units), d)
         kv_rows = _unit_rows(torch.tensor(config.layer_kv_heads[i], dtype=torch.long), d)

@@ -6,7 +6,8 @@ folder and loaded with `trust_remote_code=True` where this project is not instal
 
 Per layer the config holds the *original* indices of the kept query heads and kept key/value
 heads, and the kept MLP width. Query head q uses the kept key/value head that held q's original
-group, so GQA groups may shrink unevenly.
+group, so GQA groups may shrink unevenly. The same blocks serve Llama, Mistral, Qwen2 (biases on
+q/k/v only: `qkv_bias`) and Qwen3 (per-head RMSNorm of queries and keys: `qk_norm`).
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.llama.modeling_llama import (
     LlamaAttention,
     LlamaMLP,
+    LlamaRMSNorm,
     apply_rotary_pos_emb,
     eager_attention_forward,
 )
@@ -32,6 +34,9 @@ class PrunedLlamaConfig(LlamaConfig):
     layer_q_heads: list | None = None  # per layer: kept query heads (original indices)
     layer_kv_heads: list | None = None  # per layer: kept key/value heads (original indices)
     layer_intermediate_sizes: list | None = None  # per layer: kept MLP neurons
+    qkv_bias: bool = False  # biases on q/k/v projections (Qwen2) independently of attention_bias
+    qk_norm: bool = False  # RMSNorm over head_dim of queries and keys before RoPE (Qwen3)
+    source_model_type: str | None = None  # the dense model's family, for the record
 
     def layer_shape(self, idx: int) -> tuple[list[int], list[int], int]:
         if self.layer_q_heads is None:
@@ -60,11 +65,14 @@ class PrunedAttention(LlamaAttention):
         self.num_key_value_groups = self.num_heads // self.num_kv_heads if even else 1
         self.kv_map = None if even else kv_map
         self._kv_index: torch.Tensor | None = None  # not a buffer: meta-device loading would leave it empty
-        bias = config.attention_bias
-        self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=bias)
-        self.k_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
-        self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
-        self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=bias)
+        in_bias = config.attention_bias or config.qkv_bias
+        self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=in_bias)
+        self.k_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=in_bias)
+        self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=in_bias)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=config.attention_bias)
+        if config.qk_norm:
+            self.q_norm = LlamaRMSNorm(self.head_dim, eps=config.rms_norm_eps)
+            self.k_norm = LlamaRMSNorm(self.head_dim, eps=config.rms_norm_eps)
 
     def forward(self, hidden_states, position_embeddings=None, attention_mask=None, cache=None, **kwargs):
         input_shape = hidden_states.shape[:-1]
@@ -75,8 +83,11 @@ class PrunedAttention(LlamaAttention):
             return self.o_proj.bias.expand(*input_shape, -1) if self.o_proj.bias is not None \
                 else hidden_states.new_zeros(hidden_states.shape), None
         hidden_shape = (*input_shape, -1, self.head_dim)
-        query = self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)
-        key = self.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        query = self.q_proj(hidden_states).view(hidden_shape)
+        key = self.k_proj(hidden_states).view(hidden_shape)
+        if self.config.qk_norm:
+            query, key = self.q_norm(query), self.k_norm(key)
+        query, key = query.transpose(1, 2), key.transpose(1, 2)
         value = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
         cos, sin = position_embeddings
         query, key = apply_rotary_pos_emb(query, key, cos, sin)

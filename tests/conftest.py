@@ -34,3 +34,28 @@ def tiny_model():
 @pytest.fixture
 def tokens():
     return torch.randint(0, 64, (12, 16), generator=torch.Generator().manual_seed(1))
+
+
+def tiny_family(family: str, seed=0, layers=2, heads=4, kv_heads=2, hidden=32, intermediate=24, vocab=64):
+    """Randomly initialised tiny models of each supported family, with biases and norms made non-trivial."""
+    import transformers
+    configs = {"llama": transformers.LlamaConfig, "llama_mha": transformers.LlamaConfig,
+               "mistral": transformers.MistralConfig, "qwen2": transformers.Qwen2Config,
+               "qwen3": transformers.Qwen3Config}
+    models = {"llama": transformers.LlamaForCausalLM, "llama_mha": transformers.LlamaForCausalLM,
+              "mistral": transformers.MistralForCausalLM, "qwen2": transformers.Qwen2ForCausalLM,
+              "qwen3": transformers.Qwen3ForCausalLM}
+    kw = dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+              num_attention_heads=heads, num_key_value_heads=heads if family == "llama_mha" else kv_heads,
+              max_position_embeddings=64, tie_word_embeddings=False)
+    if family == "qwen3":
+        kw["head_dim"] = 12  # Qwen3 decouples head_dim from hidden/heads
+    torch.manual_seed(seed)
+    model = models[family](configs[family](**kw)).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 2:
+                p.mul_(4.0)
+            else:  # biases and norm weights away from their trivial init
+                p.add_(0.3 * torch.randn_like(p))
+    return model

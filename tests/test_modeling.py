@@ -64,3 +64,23 @@ def test_model_without_llama_blocks_is_refused():
     model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=32))
     with pytest.raises(ModelStructureError, match="Llama block layout"):
         structure_of(model)
+
+
+FAMILIES = ["llama", "llama_mha", "mistral", "qwen2", "qwen3"]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_family_prunes_to_a_shrunk_model_equal_to_the_masked_one(family, tokens, tmp_path):
+    from conftest import tiny_family
+    model = tiny_family(family)
+    structure = structure_of(model)
+    build_database(model, structure, collect_hessians(model, structure, tokens, 6), 4, 0.01, tmp_path, {})
+    db = Database(tmp_path)
+    dense_levels = {ATTN: [0, 0], MLP: [0, 0]}
+    torch.testing.assert_close(materialize(model, structure, db.weights_for(dense_levels))(tokens).logits,
+                               model(tokens).logits, rtol=1e-5, atol=1e-5)
+    levels = {ATTN: [1, 4], MLP: [4, 2]}
+    pruned = materialize(model, structure, db.weights_for(levels))
+    torch.testing.assert_close(pruned(tokens).logits, _masked_copy(model, db, levels)(tokens).logits,
+                               rtol=1e-5, atol=1e-5)
+    assert pruned.config.source_model_type == model.config.model_type

@@ -1,0 +1,74 @@
+"""Exported pruned folders load where this project is not installed: a subprocess that can import
+only torch, transformers, safetensors and tokenizers loads each family's folder with
+trust_remote_code, reproduces the pipeline's logits, generates the same greedy tokens with and
+without the KV cache, and round-trips save_pretrained."""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from conftest import tiny_family
+from pipeline.database import Database, build_database, collect_hessians
+from pipeline.demo import train_tokenizer
+from pipeline.export import save_pruned
+from pipeline.modeling import ATTN, MLP, materialize, structure_of
+
+FAMILIES = ["llama", "llama_mha", "mistral", "qwen2", "qwen3"]
+
+CLEAN_LOAD = textwrap.dedent('''
+    import importlib.abc, json, sys
+    class Refuse(importlib.abc.MetaPathFinder):  # this project cannot be imported here
+        def find_spec(self, name, path=None, target=None):
+            if name.split(".")[0] in {"pipeline", "stages"}:
+                raise ModuleNotFoundError(name)
+    sys.meta_path.insert(0, Refuse())
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    folder, tokens_file, out_file = sys.argv[1:4]
+    tokens = torch.load(tokens_file)
+    model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eval()
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    logits = model(tokens).logits
+    with_cache = model.generate(tokens[:1, :5], max_new_tokens=12, do_sample=False, use_cache=True)
+    without = model.generate(tokens[:1, :5], max_new_tokens=12, do_sample=False, use_cache=False)
+    model.save_pretrained(folder + "_resaved")
+    again = AutoModelForCausalLM.from_pretrained(folder + "_resaved", trust_remote_code=True).eval()
+    torch.save({"logits": logits, "with_cache": with_cache, "without": without,
+                "resaved": again(tokens).logits, "tokenizer": len(tokenizer),
+                "class": type(model).__name__, "loaded": sorted({m.split(".")[0] for m in sys.modules} & {"pipeline", "stages", "mlflow", "dvc"})},
+               out_file)
+''')
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return train_tokenizer(["def f(x):\n    return x + 1\n"] * 20, 300)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_exported_folder_loads_without_this_project(family, tokenizer, tokens, tmp_path):
+    model = tiny_family(family)
+    structure = structure_of(model)
+    build_database(model, structure, collect_hessians(model, structure, tokens, 6), 4, 0.01, tmp_path / "db", {})
+    db = Database(tmp_path / "db")
+    pruned = materialize(model, structure, db.weights_for({ATTN: [1, 4], MLP: [3, 0]}))  # layer 1: no heads
+    folder = tmp_path / "pruned"
+    save_pruned(pruned, tokenizer, folder, "# card\n")
+    config = json.loads((folder / "config.json").read_text())
+    assert config["auto_map"]["AutoModelForCausalLM"] == "pruned_llama.PrunedLlamaForCausalLM"
+    assert [len(h) for h in config["layer_q_heads"]] == [3, 0] and config["layer_intermediate_sizes"][1] == 24
+    torch.save(tokens, tmp_path / "tokens.pt")
+    env = {"PATH": os.environ["PATH"], "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, "-I", "-c", CLEAN_LOAD, str(folder), str(tmp_path / "tokens.pt"),
+                    str(tmp_path / "out.pt")], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = torch.load(tmp_path / "out.pt")
+    assert out["class"] == "PrunedLlamaForCausalLM" and out["loaded"] == []
+    torch.testing.assert_close(out["logits"], pruned(tokens).logits, rtol=1e-5, atol=1e-5)
+    assert torch.equal(out["with_cache"], out["without"])
+    torch.testing.assert_close(out["resaved"], out["logits"])
+    assert out["tokenizer"] == len(tokenizer)
