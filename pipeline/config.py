@@ -119,6 +119,8 @@ class DatabaseParams:
     damp: float = 0.01  # Hessian dampening, relative to mean(diag H)
     hessian_dtype: str = "float64"
     batch_size: int = 8  # calibration sequences per forward pass
+    attn_unit: str = "query"  # query: single query heads | kv_group: a key/value head with its query heads
+    mlp_unit: int = 1  # neurons removed together (e.g. 64 or 128 for hardware-friendly widths)
 
     def check(self, key: str) -> None:
         if self.levels < 2:
@@ -126,7 +128,9 @@ class DatabaseParams:
         if not 0 <= self.damp < 1:
             raise ConfigError(f"{key}.damp is {self.damp}: valid is 0 <= damp < 1 (0.01 is typical)")
         _one_of(f"{key}.hessian_dtype", self.hessian_dtype, ("float32", "float64"))
+        _one_of(f"{key}.attn_unit", self.attn_unit, ("query", "kv_group"))
         _positive(f"{key}.batch_size", self.batch_size)
+        _positive(f"{key}.mlp_unit", self.mlp_unit)
 
 
 @dataclass(frozen=True)

@@ -53,18 +53,39 @@ def collect_hessians(model, structure: Structure, sequences: torch.Tensor, batch
     return {key: h / tokens for key, h in hessians.items()}
 
 
+def obs_unit_heads(structure: Structure, module: str, attn_unit: str, mlp_unit: int) -> int:
+    """How many of the model's query heads (attention) or neurons (MLP) one OBS unit removes:
+    a query head, a key/value head with its query heads (`kv_group`), or a block of neurons."""
+    if module == "attn":
+        return structure.group_size if attn_unit == "kv_group" else 1
+    return mlp_unit
+
+
+def check_units(structure: Structure, attn_unit: str, mlp_unit: int) -> None:
+    if attn_unit not in ("query", "kv_group"):
+        raise ValueError(f"database.attn_unit is {attn_unit!r}: valid values are 'query', 'kv_group'")
+    if structure.intermediate_size % mlp_unit:
+        raise ValueError(f"database.mlp_unit ({mlp_unit}) does not divide the MLP width "
+                         f"({structure.intermediate_size}); pick a divisor")
+
+
 def build_database(model, structure: Structure, hessians: dict, levels: int, damp: float, out_dir: Path,
-                   identity: dict, on_module: Callable[[int, str, list[float]], None] | None = None) -> dict:
-    """Run OBS for every (layer, module) and write the compact database; returns the manifest."""
+                   identity: dict, on_module: Callable[[int, str, list[float]], None] | None = None,
+                   attn_unit: str = "query", mlp_unit: int = 1) -> dict:
+    """Run OBS for every (layer, module) and write the compact database; returns the manifest.
+    Kept indices are stored in OBS units; `Database` hands them out as query heads / neurons."""
+    check_units(structure, attn_unit, mlp_unit)
     out_dir.mkdir(parents=True, exist_ok=True)
-    counts = {m: removal_counts(structure.units(m), levels) for m in MODULE_TYPES}
+    per_unit = {m: obs_unit_heads(structure, m, attn_unit, mlp_unit) for m in MODULE_TYPES}
+    counts = {m: removal_counts(structure.units(m) // per_unit[m], levels) for m in MODULE_TYPES}
     losses = {m: [] for m in MODULE_TYPES}
     for layer in range(structure.num_layers):
         tensors = {}
         for module in MODULE_TYPES:
             weight = output_projection(model, layer, module).weight.detach()
             hessian = prepare_hessian(hessians[(layer, module)], damp)
-            snapshots = greedy_obs(weight.cpu(), hessian, structure.unit_size(module), counts[module])
+            snapshots = greedy_obs(weight.cpu(), hessian, structure.unit_size(module) * per_unit[module],
+                                   counts[module])
             for k, snap in enumerate(snapshots):
                 tensors[f"{module}.kept.{k}"] = snap.kept_units.to(torch.int64)
                 tensors[f"{module}.weight.{k}"] = snap.weight.to(weight.dtype).contiguous()
@@ -76,7 +97,9 @@ def build_database(model, structure: Structure, hessians: dict, levels: int, dam
         "format": 1,
         "levels": levels,
         "structure": structure.__dict__,
-        "kept_units": {m: [structure.units(m) - c for c in counts[m]] for m in MODULE_TYPES},
+        "attn_unit": attn_unit,
+        "mlp_unit": mlp_unit,
+        "kept_units": {m: [structure.units(m) - c * per_unit[m] for c in counts[m]] for m in MODULE_TYPES},
         "obs_loss": losses,
         "damp": damp,
         "identity": identity,
@@ -96,16 +119,21 @@ class Database:
         self.manifest = json.loads(manifest_path.read_text())
         self.levels: int = self.manifest["levels"]
         self.structure = Structure(**self.manifest["structure"])
+        self.per_unit = {m: obs_unit_heads(self.structure, m, self.manifest.get("attn_unit", "query"),
+                                           self.manifest.get("mlp_unit", 1)) for m in MODULE_TYPES}
         self._cache: dict = {}
 
     def level_weight(self, layer: int, module: str, level: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(kept unit indices, corrected output weight on the kept columns) of one module at one level."""
+        """(kept query heads or neurons, corrected output weight on their columns) of one module at one level."""
         if not 0 <= level <= self.levels:
             raise ValueError(f"level {level} outside 0..{self.levels}")
         key = (layer, module, level)
         if key not in self._cache:
             with safe_open(str(self.path / f"layer_{layer:03d}.safetensors"), framework="pt") as f:
-                self._cache[key] = (f.get_tensor(f"{module}.kept.{level}"), f.get_tensor(f"{module}.weight.{level}"))
+                units = f.get_tensor(f"{module}.kept.{level}")
+                n = self.per_unit[module]
+                heads = (units[:, None] * n + torch.arange(n)).reshape(-1)
+                self._cache[key] = (heads, f.get_tensor(f"{module}.weight.{level}"))
         return self._cache[key]
 
     def weights_for(self, levels: dict[str, list[int]]) -> dict:

@@ -3,7 +3,8 @@
 import torch
 
 from pipeline import tracking
-from pipeline.database import build_database, collect_hessians
+from pipeline.config import ConfigError
+from pipeline.database import build_database, check_units, collect_hessians
 from pipeline.modeling import MODULE_TYPES, load_dense, structure_of
 from pipeline.outputs import DATABASE, atomic_dir
 from pipeline.plots import obs_losses
@@ -14,6 +15,10 @@ def main(params, say):
     p = params.database
     model, _ = load_dense(model_source(params), params.model.dtype, params.model.revision)
     structure = structure_of(model)
+    try:
+        check_units(structure, p.attn_unit, p.mlp_unit)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
     calib = load_tokens("calib")
     say(f"{structure.num_layers} layers, {structure.num_heads} query heads / {structure.num_kv_heads} kv heads, "
         f"{structure.intermediate_size} neurons; Hessians over {calib.numel():,} tokens")
@@ -27,7 +32,7 @@ def main(params, say):
     with atomic_dir(DATABASE) as tmp:
         manifest = build_database(model, structure, hessians, p.levels, p.damp, tmp,
                                   identity={"model": model_source(params), "calib_tokens": calib.numel()},
-                                  on_module=on_module)
+                                  on_module=on_module, attn_unit=p.attn_unit, mlp_unit=p.mlp_unit)
     tracking.log_figure(obs_losses(manifest["obs_loss"]), "obs_loss.png")
     total = {m: sum(layer[len(layer) // 2] for layer in manifest["obs_loss"][m]) for m in MODULE_TYPES}
     return {"levels": p.levels, "obs_loss_half_level": total}

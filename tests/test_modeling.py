@@ -84,3 +84,23 @@ def test_every_family_prunes_to_a_shrunk_model_equal_to_the_masked_one(family, t
     torch.testing.assert_close(pruned(tokens).logits, _masked_copy(model, db, levels)(tokens).logits,
                                rtol=1e-5, atol=1e-5)
     assert pruned.config.source_model_type == model.config.model_type
+
+
+def test_kv_group_units_remove_whole_groups_and_shrink_the_kv_cache(tiny_model, tokens, tmp_path):
+    structure = structure_of(tiny_model)  # 4 query heads, 2 kv heads: groups of 2
+    hessians = collect_hessians(tiny_model, structure, tokens, 6)
+    build_database(tiny_model, structure, hessians, 2, 0.01, tmp_path, {}, attn_unit="kv_group", mlp_unit=4)
+    db = Database(tmp_path)
+    assert [db.kept_units(ATTN, k) for k in range(3)] == [4, 2, 0]
+    assert [db.kept_units(MLP, k) for k in range(3)] == [24, 12, 0]
+    levels = {ATTN: [1, 2, 0], MLP: [2, 1, 0]}  # layer 1 loses every head, layer 0 every neuron
+    pruned = materialize(tiny_model, structure, db.weights_for(levels))
+    torch.testing.assert_close(pruned(tokens).logits, _masked_copy(tiny_model, db, levels)(tokens).logits,
+                               rtol=1e-5, atol=1e-5)
+    for layer, (q, kv) in enumerate(zip(pruned.config.layer_q_heads, pruned.config.layer_kv_heads)):
+        assert len(q) == 2 * len(kv) and sorted({h // 2 for h in q}) == kv  # complete groups only
+        assert pruned.model.layers[layer].self_attn.num_key_value_groups in (1, 2)
+    assert pruned.model.layers[0].self_attn.k_proj.out_features == 8  # one kv head of 8 dims left
+    neurons = db.level_weight(1, MLP, 1)[0]
+    assert len(neurons) == 12 and all(int(b) % 4 == 0 for b in neurons[::4])  # blocks of 4 neurons
+    assert all(torch.equal(neurons[i:i + 4], neurons[i] + torch.arange(4)) for i in range(0, 12, 4))
