@@ -223,9 +223,15 @@ class FinetuneParams:
 @dataclass(frozen=True)
 class EvaluateParams:
     batch_size: int = 8
+    speed: bool = True  # measure prefill / decode speed and memory of dense vs pruned models
+    speed_prompt_len: int = 128
+    speed_decode_tokens: int = 32
+    speed_batch_size: int = 1
+    speed_repeats: int = 5
 
     def check(self, key: str) -> None:
-        _positive(f"{key}.batch_size", self.batch_size)
+        for name in ("batch_size", "speed_prompt_len", "speed_decode_tokens", "speed_batch_size", "speed_repeats"):
+            _positive(f"{key}.{name}", getattr(self, name))
 
 
 @dataclass(frozen=True)

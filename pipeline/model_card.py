@@ -6,10 +6,16 @@ import json
 from pipeline.config import Params
 from pipeline.stage import section_dicts
 
+STRUCTURE_PNG = "layer_structure.png"
 
-def model_card(params: Params, name: str, levels: dict, dense_params: int, pruned_params: int) -> str:
+
+def model_card(params: Params, name: str, levels: dict, dense_params: int, pruned_params: int,
+               perplexities: dict[str, float], shape: dict) -> str:
+    """`shape`: per layer kept query heads ("q"), key/value heads ("kv") and neuron counts ("neurons")."""
     sections = section_dicts(params, ("model", "data", "database", "search", "finetune"))
-    layers = "\n".join(f"| {i} | {a} | {m} |" for i, (a, m) in enumerate(zip(levels["attn"], levels["mlp"])))
+    results = "\n".join(f"| {model} | {ppl:.3f} |" for model, ppl in perplexities.items())
+    layers = "\n".join(f"| {i} | {a} | {m} | {len(q)} | {len(kv)} | {n} |" for i, (a, m, q, kv, n) in enumerate(
+        zip(levels["attn"], levels["mlp"], shape["q"], shape["kv"], shape["neurons"])))
     return f"""---
 library_name: transformers
 tags: [pruned, structured-pruning, darwinlm]
@@ -23,6 +29,18 @@ output projections corrected by structured OBS, then trained {params.finetune.st
 - Parameters: {dense_params:,} (dense) -> {pruned_params:,} ({pruned_params / dense_params:.1%})
 - Target: remove {params.search.target:.0%} of attention+MLP parameters (removed {levels['removed_fraction']:.1%})
 
+## Results
+
+Perplexity on {params.data.eval_tokens:,} held-out tokens (`data.eval`, windows of {params.data.seq_len}):
+
+| model | perplexity |
+|---|---|
+{results}
+
+## Structure
+
+![kept heads and neurons per layer]({STRUCTURE_PNG})
+
 ## Load
 
 ```python
@@ -33,8 +51,8 @@ tokenizer = AutoTokenizer.from_pretrained(PATH)
 
 ## Levels per layer (0 = dense, {params.database.levels} = module removed)
 
-| layer | attention level | MLP level |
-|---|---|---|
+| layer | attention level | MLP level | query heads kept | key/value heads kept | MLP neurons kept |
+|---|---|---|---|---|---|
 {layers}
 
 ## Params used

@@ -8,6 +8,7 @@ from pipeline.export import load_pruned
 from pipeline.modeling import count_params, load_dense, materialize
 from pipeline.outputs import DATABASE, MODELS, levels_path, metrics_path, read_json
 from pipeline.plots import layer_structure
+from pipeline.speed import measure_speed
 from pipeline.stage import load_tokens, model_source, run_stage
 
 UPSTREAM = ("base", "calibration", "database", "uniform", "search", "finetune@searched", "finetune@uniform")
@@ -21,18 +22,20 @@ def main(params, say):
     ppl = {"dense": perplexity(dense, eval_tokens, batch)}
     say(f"dense perplexity {ppl['dense']:.3f} on {eval_tokens.numel():,} eval tokens")
     sizes = {"dense": count_params(dense)}
-    structures = {}
+    structures, finetuned_models = {}, {}
     for name in ("searched", "uniform"):
         levels = read_json(levels_path(name))
         oneshot = materialize(dense, db.structure, db.weights_for(levels))
         ppl[f"{name}_oneshot"] = perplexity(oneshot, eval_tokens, batch)
-        finetuned = load_pruned(MODELS[name])
+        finetuned = finetuned_models[name] = load_pruned(MODELS[name])
         ppl[f"{name}_finetuned"] = perplexity(finetuned, eval_tokens, batch)
         sizes[name] = count_params(finetuned)
         structures[name] = {"heads": [len(h) for h in finetuned.config.layer_q_heads],
                             "neurons": list(finetuned.config.layer_intermediate_sizes)}
         say(f"{name}: one-shot {ppl[f'{name}_oneshot']:.3f}, finetuned {ppl[f'{name}_finetuned']:.3f}, "
             f"{sizes[name]:,} parameters")
+    speed = _speeds(params.evaluate, {"dense": dense, "searched": finetuned_models["searched"],
+                                      "uniform": finetuned_models["uniform"]}, say)
     upstream = {stage: read_json(metrics_path(stage)).get("mlflow_run_id") for stage in UPSTREAM}
     tracking.set_tags({f"upstream.{stage.replace('@', '_')}": run_id for stage, run_id in upstream.items() if run_id})
     tracking.log_figure(layer_structure(structures, db.structure.num_heads, db.structure.intermediate_size),
@@ -45,9 +48,34 @@ def main(params, say):
                               "finetuned": ppl["uniform_finetuned"] / ppl["searched_finetuned"] - 1},
         "params": {"dense": sizes["dense"], "pruned": sizes["searched"], "uniform": sizes["uniform"],
                    "ratio": sizes["searched"] / sizes["dense"]},
+        **speed,
     }
-    tracking.log_metrics({k: v for k, v in metrics.items() if k in ("ppl", "gain_over_uniform", "params")})
+    tracking.log_metrics({k: v for k, v in metrics.items() if k in ("ppl", "gain_over_uniform", "params", "speed",
+                                                                     "speedup")})
     return metrics
+
+
+def _speeds(p, models: dict, say) -> dict:
+    """Speed of each model on this device and the pruned models' speedups over dense."""
+    if not p.speed:
+        return {}
+    speed = {}
+    for name, model in models.items():
+        speed[name] = measure_speed(model, batch_size=p.speed_batch_size, prompt_len=p.speed_prompt_len,
+                                    decode_tokens=p.speed_decode_tokens, repeats=p.speed_repeats)
+        say(f"speed {name}: prefill {speed[name]['prefill_tokens_per_s']:,.0f} tokens/s, decode "
+            f"{speed[name]['decode_ms_per_token']:.2f} ms/token, peak {speed[name]['peak_memory_mb']:.1f} MiB")
+    device = speed["dense"]["device"]
+    tracking.set_tags({"device": device})
+    figures = ("prefill_tokens_per_s", "decode_ms_per_token", "peak_memory_mb")
+    dense = speed["dense"]
+    return {
+        "device": device,
+        "speed": {name: {k: s[k] for k in figures} for name, s in speed.items()},
+        "speedup": {name: {"prefill": speed[name]["prefill_tokens_per_s"] / dense["prefill_tokens_per_s"],
+                           "decode": dense["decode_ms_per_token"] / speed[name]["decode_ms_per_token"]}
+                    for name in ("searched", "uniform")},
+    }
 
 
 if __name__ == "__main__":

@@ -8,9 +8,10 @@ from pipeline import tracking
 from pipeline.database import Database
 from pipeline.export import save_pruned
 from pipeline.modeling import count_params, load_dense, materialize
-from pipeline.model_card import model_card
+from pipeline.evaluate import perplexity
+from pipeline.model_card import STRUCTURE_PNG, model_card
 from pipeline.outputs import DATABASE, MODELS, PLOTS, atomic_dir, levels_path, read_json, write_text
-from pipeline.plots import training_curve
+from pipeline.plots import layer_structure, training_curve
 from pipeline.stage import load_tokens, model_source, run_stage
 from pipeline.train import train_causal_lm
 
@@ -22,6 +23,7 @@ def main(name, params, say):
     dense, tokenizer = load_dense(model_source(params), params.model.dtype, params.model.revision)
     model = materialize(dense, db.structure, db.weights_for(levels))
     train_set = load_tokens("train")
+    oneshot_ppl = perplexity(model, load_tokens("eval"), params.evaluate.batch_size)
     say(f"{name}: {count_params(dense):,} -> {count_params(model):,} parameters; training {p.steps} steps "
         f"of {p.batch_size} x {train_set.shape[1]} tokens (distill {p.distill})")
 
@@ -35,16 +37,29 @@ def main(name, params, say):
                              teacher=dense if p.distill > 0 else None, distill=p.distill,
                              temperature=p.temperature, on_step=on_step)
     model.eval()
+    eval_set = load_tokens("eval")
+    results = {"dense": perplexity(dense, eval_set, params.evaluate.batch_size),
+               "one-shot (before training)": oneshot_ppl,
+               "pruned and trained": perplexity(model, eval_set, params.evaluate.batch_size)}
+    say(f"eval perplexity: dense {results['dense']:.3f}, one-shot {oneshot_ppl:.3f}, "
+        f"trained {results['pruned and trained']:.3f}")
     out = MODELS[name]
-    card = model_card(params, name, levels, count_params(dense), count_params(model))
+    shape = {"q": model.config.layer_q_heads, "kv": model.config.layer_kv_heads,
+             "neurons": model.config.layer_intermediate_sizes}
+    card = model_card(params, name, levels, count_params(dense), count_params(model), results, shape)
     with atomic_dir(out) as tmp:
         save_pruned(model, tokenizer, tmp, card)
+        structure = {name: {"heads": [len(h) for h in model.config.layer_q_heads],
+                            "neurons": list(model.config.layer_intermediate_sizes)}}
+        layer_structure(structure, db.structure.num_heads, db.structure.intermediate_size).savefig(
+            tmp / STRUCTURE_PNG, dpi=100)
     write_text(PLOTS / f"finetune_{name}_loss.csv", pd.DataFrame({"step": range(1, len(losses) + 1),
                                                                   "loss": losses}).to_csv(index=False))
     if losses:
         tracking.log_figure(training_curve(losses, f"finetune {name}"), f"finetune_{name}_loss.png")
     tracking.log_artifacts(out, f"model_{name}")
-    return {"parameters": count_params(model), "final_loss": sum(losses[-10:]) / max(1, len(losses[-10:]))}
+    return {"parameters": count_params(model), "final_loss": sum(losses[-10:]) / max(1, len(losses[-10:])),
+            "eval_ppl": results["pruned and trained"], "eval_ppl_oneshot": oneshot_ppl}
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ TINY = {
     "search": dict(generations=3, offspring=4, eval_every=2, schedule=[{"survivors": 2, "fitness_tokens": 256, "train_tokens": 64},
                                                         {"survivors": 1, "fitness_tokens": 1024, "train_tokens": 0}]),
     "finetune": dict(steps=5, batch_size=4),
+    "evaluate": dict(speed_prompt_len=16, speed_decode_tokens=4, speed_repeats=2),
     "tracking": dict(experiment="e2e"),
 }
 STAGES = ["base", "calibration", "database", "uniform", "search", "finetune@searched", "finetune@uniform", "evaluate"]
@@ -78,10 +79,14 @@ def test_repro_produces_every_output(repo):
     for key in ("dense", "searched_oneshot", "searched_finetuned", "uniform_oneshot", "uniform_finetuned"):
         assert 1 < m["ppl"][key] < 1000, key
     assert m["params"]["pruned"] < m["params"]["dense"] and m["params"]["uniform"] < m["params"]["dense"]
+    assert m["speed"]["searched"]["decode_ms_per_token"] > 0 and "CPU" in m["device"]
+    assert set(m["speedup"]) == {"searched", "uniform"}
     levels = json.loads((repo / "levels/searched.json").read_text())
     uniform = json.loads((repo / "levels/uniform.json").read_text())
     assert sum(levels["attn"]) == sum(uniform["attn"]) and sum(levels["mlp"]) == sum(uniform["mlp"])
-    assert (repo / "models/pruned/config.json").is_file() and (repo / "models/uniform/README.md").is_file()
+    assert (repo / "models/pruned/config.json").is_file() and (repo / "models/pruned/layer_structure.png").is_file()
+    card = (repo / "models/uniform/README.md").read_text()
+    assert "| pruned and trained |" in card and "Uniformly pruned" in card
     log = (repo / "repro.log").read_text()
     assert "generation 3/3" in log and "layer 2/2" in log and "pretrain step" in log  # progress is shown
 
