@@ -228,10 +228,17 @@ class EvaluateParams:
     speed_decode_tokens: int = 32
     speed_batch_size: int = 1
     speed_repeats: int = 5
+    lm_eval_tasks: list[str] = field(default_factory=list)  # lm-evaluation-harness tasks, e.g. [sciq, piqa]
+    lm_eval_include_path: str | None = None  # a folder of local task YAMLs (data may be local files)
+    lm_eval_limit: int | None = None  # documents per task (None = all)
 
     def check(self, key: str) -> None:
         for name in ("batch_size", "speed_prompt_len", "speed_decode_tokens", "speed_batch_size", "speed_repeats"):
             _positive(f"{key}.{name}", getattr(self, name))
+        if self.lm_eval_include_path is not None and not Path(self.lm_eval_include_path).is_dir():
+            raise ConfigError(f"{key}.lm_eval_include_path: folder '{self.lm_eval_include_path}' does not exist")
+        if self.lm_eval_limit is not None:
+            _positive(f"{key}.lm_eval_limit", self.lm_eval_limit)
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,7 @@ from pipeline.evaluate import perplexity
 from pipeline.export import load_pruned
 from pipeline.modeling import count_params, load_dense, materialize
 from pipeline.outputs import DATABASE, MODELS, levels_path, metrics_path, read_json
+from pipeline.lm_eval_tasks import run_lm_eval
 from pipeline.plots import layer_structure
 from pipeline.speed import measure_speed
 from pipeline.stage import load_tokens, model_source, run_stage
@@ -36,6 +37,7 @@ def main(params, say):
             f"{sizes[name]:,} parameters")
     speed = _speeds(params.evaluate, {"dense": dense, "searched": finetuned_models["searched"],
                                       "uniform": finetuned_models["uniform"]}, say)
+    lm_eval = _lm_eval(params, say)
     upstream = {stage: read_json(metrics_path(stage)).get("mlflow_run_id") for stage in UPSTREAM}
     tracking.set_tags({f"upstream.{stage.replace('@', '_')}": run_id for stage, run_id in upstream.items() if run_id})
     tracking.log_figure(layer_structure(structures, db.structure.num_heads, db.structure.intermediate_size),
@@ -49,10 +51,24 @@ def main(params, say):
         "params": {"dense": sizes["dense"], "pruned": sizes["searched"], "uniform": sizes["uniform"],
                    "ratio": sizes["searched"] / sizes["dense"]},
         **speed,
+        **lm_eval,
     }
     tracking.log_metrics({k: v for k, v in metrics.items() if k in ("ppl", "gain_over_uniform", "params", "speed",
-                                                                     "speedup")})
+                                                                     "speedup", "lm_eval")})
     return metrics
+
+
+def _lm_eval(params, say) -> dict:
+    p = params.evaluate
+    if not p.lm_eval_tasks:
+        return {}
+    results = {}
+    for name, folder in (("dense", model_source(params)), ("searched", MODELS["searched"]),
+                         ("uniform", MODELS["uniform"])):
+        results[name] = run_lm_eval(folder, list(p.lm_eval_tasks), p.lm_eval_include_path, p.lm_eval_limit,
+                                    p.batch_size, dtype=params.model.dtype)
+        say(f"lm-eval {name}: {results[name]}")
+    return {"lm_eval": results}
 
 
 def _speeds(p, models: dict, say) -> dict:
