@@ -13,7 +13,7 @@ from pipeline.fitness import fitness, teacher_bytes, teacher_targets
 from pipeline.modeling import load_dense
 from pipeline.outputs import (DATABASE, SEARCH_CHECKPOINT, SEARCH_HISTORY, SEARCH_STRUCTURE, TOKENS, levels_path,
                               write_json, write_text)
-from pipeline.plots import search_curve
+from pipeline.plots import layer_structure, search_curve
 from pipeline.search import LevelSwapper, SearchState, evolve, prunable_params, uniform_levels
 from pipeline.stage import load_tokens, model_source, run_stage
 
@@ -54,10 +54,15 @@ def main(params, say):
     state = evolve(swapper, start, p, fitness_set, teacher, train_set, on_generation, SEARCH_CHECKPOINT, key)
     final_fitness = fitness(model, fitness_set, teacher, p.batch_size)
     write_text(SEARCH_HISTORY, pd.DataFrame(state.history).to_csv(index=False))
-    write_text(SEARCH_STRUCTURE, _structure_table(db, state.parent, start).to_csv(index=False))
     kept = prunable_params(db, state.parent)
     write_json(levels_path("searched"), {**state.parent, "prunable_params": kept, "removed_fraction": 1 - kept / dense})
     tracking.log_figure(search_curve(state.history), "search_curve.png")
+    table = _structure_table(db, state.parent, start)
+    write_text(SEARCH_STRUCTURE, table.to_csv(index=False))
+    tracking.log_figure(layer_structure({kind: {"heads": list(table[f"heads_{kind}"]),
+                                                "neurons": list(table[f"neurons_{kind}"])}
+                                         for kind in ("searched", "uniform")},
+                                        db.structure.num_heads, db.structure.intermediate_size), "layer_structure.png")
     tracking.log_dict(state.parent, "levels.json")
     say(f"searched levels {state.parent['attn']} (attn) {state.parent['mlp']} (mlp); "
         f"{p.fitness} on the whole fitness set {start_fitness:.5f} (uniform) -> {final_fitness:.5f}")

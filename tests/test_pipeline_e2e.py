@@ -161,6 +161,31 @@ def test_bad_params_stop_before_any_stage_and_keep_earlier_outputs(repo):
         (repo / "params.yaml").write_text(original)
 
 
+def test_killed_search_resumes_under_dvc_repro_to_the_uninterrupted_levels(repo):
+    import signal
+    original = (repo / "params.yaml").read_text()
+    try:
+        _edit_params(repo, "search", generations=8)
+        _run(repo, "dvc", "repro")
+        reference = json.loads((repo / "levels/searched.json").read_text())
+        shutil.rmtree(repo / ".darwinlm")
+        process = subprocess.Popen(["dvc", "repro", "--force", "--single-item", "search"], cwd=repo, env=_env(),
+                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        for line in process.stdout:
+            if "generation 4/8" in line:
+                os.killpg(process.pid, signal.SIGKILL)
+                break
+        process.wait()
+        checkpoint = json.loads((repo / ".darwinlm/search_checkpoint.json").read_text())
+        assert 4 <= checkpoint["generation"] < 8
+        resumed = _run(repo, "dvc", "repro")
+        assert f"resuming the interrupted search after generation {checkpoint['generation']}" in resumed.stdout
+        assert json.loads((repo / "levels/searched.json").read_text()) == reference
+    finally:
+        (repo / "params.yaml").write_text(original)
+        _run(repo, "dvc", "repro")
+
+
 def test_dvc_experiment_runs_and_shows_beside_the_baseline(repo):
     _run(repo, "git", "add", "-A")
     _run(repo, "git", "commit", "-qm", "baseline results")
