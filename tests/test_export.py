@@ -1,7 +1,9 @@
-"""Exported pruned folders load where this project is not installed: a subprocess that can import
-only torch, transformers, safetensors and tokenizers loads each family's folder with
+"""Every family goes database -> search -> materialise -> export -> reload. Exported folders load
+where this project cannot be imported: a subprocess (isolated mode, cwd outside the repo, the project's
+packages refused) loads each family's folder with
 trust_remote_code, reproduces the pipeline's logits, generates the same greedy tokens with and
 without the KV cache, and round-trips save_pretrained."""
+import copy
 import json
 import os
 import subprocess
@@ -12,10 +14,13 @@ import pytest
 import torch
 
 from conftest import tiny_family
+from pipeline.config import SearchParams, SelectionStage
 from pipeline.database import Database, build_database, collect_hessians
+from pipeline.fitness import teacher_targets
 from pipeline.demo import train_tokenizer
 from pipeline.export import save_pruned
 from pipeline.modeling import ATTN, MLP, materialize, structure_of
+from pipeline.search import LevelSwapper, evolve
 
 FAMILIES = ["llama", "llama_mha", "mistral", "qwen2", "qwen3"]
 
@@ -55,6 +60,11 @@ def test_exported_folder_loads_without_this_project(family, tokenizer, tokens, t
     structure = structure_of(model)
     build_database(model, structure, collect_hessians(model, structure, tokens, 6), 4, 0.01, tmp_path / "db", {})
     db = Database(tmp_path / "db")
+    fitness_set = tokens[:4]
+    state = evolve(LevelSwapper(copy.deepcopy(model), db), {ATTN: [2, 2], MLP: [2, 2]},
+                   SearchParams(generations=3, offspring=4, schedule=(SelectionStage(1, 64),)), fitness_set,
+                   teacher_targets(model, fitness_set, 4, "kl"))
+    assert sum(state.parent[ATTN]) == 4 and sum(state.parent[MLP]) == 4
     pruned = materialize(model, structure, db.weights_for({ATTN: [1, 4], MLP: [3, 0]}))  # layer 1: no heads
     folder = tmp_path / "pruned"
     save_pruned(pruned, tokenizer, folder, "# card\n")
