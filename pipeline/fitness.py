@@ -28,12 +28,6 @@ class Teacher:
     def subset(self, rows: torch.Tensor) -> Teacher:
         return Teacher(self.kind, *(t[rows] if t is not None else None for t in (self.logprobs, self.index)))
 
-    def split(self, batch_size: int):
-        n = len(self.logprobs) if self.logprobs is not None else None
-        for start in range(0, n, batch_size) if n is not None else ():
-            rows = torch.arange(start, min(n, start + batch_size))
-            yield self.subset(rows)
-
 
 def teacher_bytes(kind: str, tokens: int, vocab: int, topk: int) -> int:
     """Memory the dense targets take, to print before computing them."""
@@ -72,8 +66,9 @@ def fitness(model, sequences: torch.Tensor, teacher: Teacher, batch_size: int) -
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
-    targets = teacher.split(batch_size) if teacher.kind != "ppl" else (None for _ in range(len(sequences)))
-    for batch, target in zip(torch.split(sequences, batch_size), targets):
+    for start in range(0, len(sequences), batch_size):
+        rows = torch.arange(start, min(len(sequences), start + batch_size))
+        batch, target = sequences[rows], teacher.subset(rows)
         logits = model(input_ids=batch).logits
         if teacher.kind == "ppl":
             values = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch[:, 1:].flatten(), reduction="none")

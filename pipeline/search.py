@@ -208,7 +208,7 @@ def _score_stage(swapper: LevelSwapper, candidates, stage: SelectionStage, p: Se
     seq_len = fitness_set.shape[1]
     n_fit = min(len(fitness_set), max(1, stage.fitness_tokens // seq_len))
     picked = torch.tensor(sorted(rng.sample(range(len(fitness_set)), n_fit)))
-    batch, target = fitness_set[picked], teacher.subset(picked) if teacher.kind != "ppl" else teacher
+    batch, target = fitness_set[picked], teacher.subset(picked)
     trains = p.tas and stage.train_tokens > 0
     if trains:
         n_train = min(len(train_set), max(1, stage.train_tokens // seq_len))
