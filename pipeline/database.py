@@ -7,6 +7,7 @@ kept columns only (`{module}.weight.{k}`).
 """
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -19,6 +20,29 @@ from pipeline.modeling import MODULE_TYPES, Structure, output_projection
 from pipeline.obs import greedy_obs, prepare_hessian, removal_counts
 
 MANIFEST = "manifest.json"
+
+
+class DatabaseError(ValueError):
+    """A database that is corrupted on disk or was built for another model."""
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@torch.no_grad()
+def model_fingerprint(model) -> str:
+    """Identifies a model's weights cheaply: config, and each tensor's name, shape and moments."""
+    digest = hashlib.sha256(json.dumps(model.config.to_dict(), sort_keys=True, default=str).encode())
+    for name, tensor in model.state_dict().items():
+        total = float(tensor.sum(dtype=torch.float64))
+        norm = float(torch.linalg.vector_norm(tensor, dtype=torch.float64))
+        digest.update(f"{name}{tuple(tensor.shape)}{total:.6e}{norm:.6e}".encode())
+    return digest.hexdigest()[:16]
 
 
 @torch.no_grad()
@@ -92,9 +116,10 @@ def build_database(model, structure: Structure, hessians: dict, levels: int, dam
             losses[module].append([s.loss for s in snapshots])
             if on_module:
                 on_module(layer, module, losses[module][-1])
-        save_file(tensors, str(out_dir / f"layer_{layer:03d}.safetensors"))
+        save_file(tensors, str(out_dir / _layer_file(layer)))
     manifest = {
         "format": 1,
+        "sha256": {_layer_file(i): file_sha256(out_dir / _layer_file(i)) for i in range(structure.num_layers)},
         "levels": levels,
         "structure": structure.__dict__,
         "attn_unit": attn_unit,
@@ -108,8 +133,13 @@ def build_database(model, structure: Structure, hessians: dict, levels: int, dam
     return manifest
 
 
+def _layer_file(layer: int) -> str:
+    return f"layer_{layer:03d}.safetensors"
+
+
 class Database:
-    """Read access to a built database; tensors are loaded lazily and kept in memory."""
+    """Read access to a built database; tensors are loaded lazily and kept in memory. Each layer file
+    is checked against its manifest checksum the first time it is read."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
@@ -122,6 +152,28 @@ class Database:
         self.per_unit = {m: obs_unit_heads(self.structure, m, self.manifest.get("attn_unit", "query"),
                                            self.manifest.get("mlp_unit", 1)) for m in MODULE_TYPES}
         self._cache: dict = {}
+        self._verified: set[int] = set()
+
+    def check_model(self, model) -> None:
+        """Refuse to serve a model other than the one the database was built from."""
+        built_for = self.manifest["identity"].get("model_fingerprint")
+        if built_for and built_for != model_fingerprint(model):
+            raise DatabaseError(
+                f"the layer database at '{self.path}' was built for another model "
+                f"({self.manifest['identity'].get('model')}, fingerprint {built_for}) than the one loaded "
+                f"(fingerprint {model_fingerprint(model)}): rebuild it (dvc repro)")
+
+    def _verify(self, layer: int) -> Path:
+        path = self.path / _layer_file(layer)
+        if layer not in self._verified:
+            expected = self.manifest.get("sha256", {}).get(_layer_file(layer))
+            if not path.is_file():
+                raise DatabaseError(f"layer database file '{path}' is missing: rebuild the database (dvc repro)")
+            if expected and file_sha256(path) != expected:
+                raise DatabaseError(f"layer database file '{path}' is corrupted (checksum mismatch): rebuild it "
+                                    "with `dvc repro --force database` or restore it with `dvc checkout database`")
+            self._verified.add(layer)
+        return path
 
     def level_weight(self, layer: int, module: str, level: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(kept query heads or neurons, corrected output weight on their columns) of one module at one level."""
@@ -129,7 +181,7 @@ class Database:
             raise ValueError(f"level {level} outside 0..{self.levels}")
         key = (layer, module, level)
         if key not in self._cache:
-            with safe_open(str(self.path / f"layer_{layer:03d}.safetensors"), framework="pt") as f:
+            with safe_open(str(self._verify(layer)), framework="pt") as f:
                 units = f.get_tensor(f"{module}.kept.{level}")
                 n = self.per_unit[module]
                 heads = (units[:, None] * n + torch.arange(n)).reshape(-1)

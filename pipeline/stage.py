@@ -13,10 +13,11 @@ import torch
 from pipeline import tracking
 from pipeline.config import ConfigError, Params, load_params
 from pipeline.data import CorpusError
+from pipeline.database import DatabaseError
 from pipeline.modeling import ModelStructureError
 from pipeline.outputs import BASE_MODEL, TOKENS, metrics_path, write_json
 
-USER_ERRORS = (ConfigError, CorpusError, ModelStructureError, FileNotFoundError)
+USER_ERRORS = (ConfigError, CorpusError, ModelStructureError, DatabaseError, FileNotFoundError)
 PARAMS_FILE = "params.yaml"
 _start = time.time()
 

@@ -1,10 +1,12 @@
 """Stage database: Hessians of the dense model on the calib set, then structured OBS for every
 (layer, module) and compact storage of each level."""
+import hashlib
+
 import torch
 
 from pipeline import tracking
 from pipeline.config import ConfigError
-from pipeline.database import build_database, check_units, collect_hessians
+from pipeline.database import build_database, check_units, collect_hessians, model_fingerprint
 from pipeline.modeling import MODULE_TYPES, load_dense, structure_of
 from pipeline.outputs import DATABASE, atomic_dir
 from pipeline.plots import obs_losses
@@ -31,7 +33,9 @@ def main(params, say):
 
     with atomic_dir(DATABASE) as tmp:
         manifest = build_database(model, structure, hessians, p.levels, p.damp, tmp,
-                                  identity={"model": model_source(params), "calib_tokens": calib.numel()},
+                                  identity={"model": model_source(params), "model_fingerprint": model_fingerprint(model),
+                                            "calib_tokens": calib.numel(),
+                                            "calib_sha256": hashlib.sha256(calib.numpy().tobytes()).hexdigest()},
                                   on_module=on_module, attn_unit=p.attn_unit, mlp_unit=p.mlp_unit)
     tracking.log_figure(obs_losses(manifest["obs_loss"]), "obs_loss.png")
     total = {m: sum(layer[len(layer) // 2] for layer in manifest["obs_loss"][m]) for m in MODULE_TYPES}

@@ -20,6 +20,7 @@ def main(params, say):
     eval_tokens = load_tokens("eval")
     db = Database(DATABASE)
     dense, _ = load_dense(model_source(params), params.model.dtype, params.model.revision)
+    db.check_model(dense)
     ppl = {"dense": perplexity(dense, eval_tokens, batch)}
     say(f"dense perplexity {ppl['dense']:.3f} on {eval_tokens.numel():,} eval tokens")
     sizes = {"dense": count_params(dense)}

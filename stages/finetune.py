@@ -21,6 +21,7 @@ def main(name, params, say):
     levels = read_json(levels_path(name))
     db = Database(DATABASE)
     dense, tokenizer = load_dense(model_source(params), params.model.dtype, params.model.revision)
+    db.check_model(dense)
     model = materialize(dense, db.structure, db.weights_for(levels))
     train_set = load_tokens("train")
     oneshot_ppl = perplexity(model, load_tokens("eval"), params.evaluate.batch_size)

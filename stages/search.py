@@ -22,6 +22,7 @@ def main(params, say):
     p = params.search
     db = Database(DATABASE)
     model, _ = load_dense(model_source(params), params.model.dtype, params.model.revision)
+    db.check_model(model)
     fitness_set, train_set, eval_set = load_tokens("fitness"), load_tokens("train"), load_tokens("eval")
     need = teacher_bytes(p.fitness, fitness_set.numel(), model.config.vocab_size, p.topk)
     say(f"fitness {p.fitness}: dense targets for {fitness_set.numel():,} tokens take {need / 2**20:,.1f} MiB")

@@ -104,3 +104,22 @@ def test_kv_group_units_remove_whole_groups_and_shrink_the_kv_cache(tiny_model, 
     neurons = db.level_weight(1, MLP, 1)[0]
     assert len(neurons) == 12 and all(int(b) % 4 == 0 for b in neurons[::4])  # blocks of 4 neurons
     assert all(torch.equal(neurons[i:i + 4], neurons[i] + torch.arange(4)) for i in range(0, 12, 4))
+
+
+def test_corrupted_or_foreign_database_is_refused(tiny_model, tokens, tmp_path):
+    from conftest import tiny_llama
+    from pipeline.database import DatabaseError, model_fingerprint
+    structure = structure_of(tiny_model)
+    build_database(tiny_model, structure, collect_hessians(tiny_model, structure, tokens, 6), 4, 0.01, tmp_path, {
+        "model": "tiny", "model_fingerprint": model_fingerprint(tiny_model)})
+    db = Database(tmp_path)
+    db.check_model(tiny_llama())  # the same weights rebuilt: accepted
+    with pytest.raises(DatabaseError, match="built for another model"):
+        db.check_model(tiny_llama(seed=1))
+    data = bytearray((tmp_path / "layer_001.safetensors").read_bytes())
+    data[-5] ^= 0xFF
+    (tmp_path / "layer_001.safetensors").write_bytes(bytes(data))
+    fresh = Database(tmp_path)
+    fresh.level_weight(0, ATTN, 1)  # an intact layer still loads
+    with pytest.raises(DatabaseError, match=r"layer_001.safetensors' is corrupted \(checksum mismatch\)"):
+        fresh.level_weight(1, ATTN, 1)
