@@ -169,7 +169,8 @@ def test_killed_search_resumes_under_dvc_repro_to_the_uninterrupted_levels(repo)
         _run(repo, "dvc", "repro")
         reference = json.loads((repo / "levels/searched.json").read_text())
         shutil.rmtree(repo / ".darwinlm")
-        process = subprocess.Popen(["dvc", "repro", "--force", "--single-item", "search"], cwd=repo, env=_env(),
+        command = ["dvc", "repro", "--force", "--single-item", "search"]
+        process = subprocess.Popen(command, cwd=repo, env=_env(),
                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
         for line in process.stdout:
             if "generation 4/8" in line:
@@ -178,7 +179,7 @@ def test_killed_search_resumes_under_dvc_repro_to_the_uninterrupted_levels(repo)
         process.wait()
         checkpoint = json.loads((repo / ".darwinlm/search_checkpoint.json").read_text())
         assert 4 <= checkpoint["generation"] < 8
-        resumed = _run(repo, "dvc", "repro")
+        resumed = _run(repo, *command)  # the user runs the interrupted command again
         assert f"resuming the interrupted search after generation {checkpoint['generation']}" in resumed.stdout
         assert json.loads((repo / "levels/searched.json").read_text()) == reference
     finally:
