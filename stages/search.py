@@ -50,7 +50,9 @@ def main(params, say):
 
     key = _checkpoint_key(params)
     resumed = SearchState.load(SEARCH_CHECKPOINT, key)
-    if resumed:
+    if resumed and resumed.generation >= p.generations:
+        say(f"this exact search already finished ({SEARCH_CHECKPOINT}): reusing its result")
+    elif resumed:
         say(f"resuming the interrupted search after generation {resumed.generation} ({SEARCH_CHECKPOINT})")
     state = evolve(swapper, start, p, fitness_set, teacher, train_set, on_generation, SEARCH_CHECKPOINT, key)
     final_fitness = fitness(model, fitness_set, teacher, p.batch_size)
