@@ -99,13 +99,6 @@ def output_projection(model, layer: int, module: str) -> nn.Linear:
     return block.self_attn.o_proj if module == ATTN else block.mlp.down_proj
 
 
-def input_projections(model, layer: int, module: str) -> list[nn.Linear]:
-    block = model.model.layers[layer]
-    if module == ATTN:
-        return [block.self_attn.q_proj, block.self_attn.k_proj, block.self_attn.v_proj]
-    return [block.mlp.gate_proj, block.mlp.up_proj]
-
-
 def masked_weight(full_shape, kept_columns: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """Dense-shaped output-projection weight: the stored corrected columns, zeros elsewhere."""
     full = weight.new_zeros(full_shape)
