@@ -208,3 +208,30 @@ def test_dvc_experiment_runs_and_shows_beside_the_baseline(repo):
                               "tags.stage = 'evaluate'")
     assert {r.data.tags["dvc_experiment"] for r in runs} >= {"workspace", "target60"}
     assert {r.data.params["search.target"] for r in runs} == {"0.5", "0.6"}
+
+
+def test_two_queued_experiments_run_concurrently_into_the_one_store(repo):
+    import time
+    _run(repo, "git", "add", "-A")
+    _run(repo, "git", "commit", "-qm", "before the queue", check=False)
+    for target in ("0.4", "0.7"):
+        _run(repo, "dvc", "exp", "run", "--queue", "-n", f"q{target[-1]}", "-S", f"search.target={target}")
+    _run(repo, "dvc", "queue", "start", "-j", "2")
+    deadline = time.time() + 600
+    while time.time() < deadline:
+        status = _run(repo, "dvc", "queue", "status").stdout
+        if "Running" not in status and "Queued" not in status:
+            break
+        time.sleep(3)
+    assert status.count("Success") == 2, status
+    from mlflow import MlflowClient
+    client = MlflowClient(f"sqlite:///{repo}/mlflow.db")
+    exp_id = client.get_experiment_by_name("e2e").experiment_id
+    for name, target in (("q4", "0.4"), ("q7", "0.7")):
+        runs = client.search_runs([exp_id], f"tags.dvc_experiment = '{name}'")
+        stages = {r.data.tags.get("stage") for r in runs}
+        assert {"search", "uniform", "evaluate"} <= stages, (name, stages)
+        assert all(r.info.status == "FINISHED" for r in runs)
+        evaluate = next(r for r in runs if r.data.tags.get("stage") == "evaluate")
+        assert evaluate.data.params["search.target"] == target
+        assert evaluate.info.artifact_uri.startswith(f"file://{repo}/mlartifacts/")  # not the queue's temp copy
