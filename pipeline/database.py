@@ -20,6 +20,7 @@ from pipeline.modeling import MODULE_TYPES, Structure, output_projection
 from pipeline.obs import greedy_obs, prepare_hessian, removal_counts
 
 MANIFEST = "manifest.json"
+PROGRESS = "progress.json"
 
 
 class DatabaseError(ValueError):
@@ -97,14 +98,20 @@ def build_database(model, structure: Structure, hessians: dict, levels: int, dam
                    identity: dict, on_module: Callable[[int, str, list[float]], None] | None = None,
                    attn_unit: str = "query", mlp_unit: int = 1) -> dict:
     """Run OBS for every (layer, module) and write the compact database; returns the manifest.
-    Kept indices are stored in OBS units; `Database` hands them out as query heads / neurons."""
+    Kept indices are stored in OBS units; `Database` hands them out as query heads / neurons.
+
+    Layers already finished in `out_dir` by an interrupted call with the same inputs are kept
+    (`progress.json` lists them with their losses), so a rerun resumes at the first missing layer."""
     check_units(structure, attn_unit, mlp_unit)
     out_dir.mkdir(parents=True, exist_ok=True)
     per_unit = {m: obs_unit_heads(structure, m, attn_unit, mlp_unit) for m in MODULE_TYPES}
     counts = {m: removal_counts(structure.units(m) // per_unit[m], levels) for m in MODULE_TYPES}
-    losses = {m: [] for m in MODULE_TYPES}
+    progress_file = out_dir / PROGRESS
+    done = json.loads(progress_file.read_text()) if progress_file.is_file() else {}
     for layer in range(structure.num_layers):
-        tensors = {}
+        if str(layer) in done and (out_dir / _layer_file(layer)).is_file():
+            continue
+        tensors, layer_losses = {}, {}
         for module in MODULE_TYPES:
             weight = output_projection(model, layer, module).weight.detach()
             hessian = prepare_hessian(hessians[(layer, module)], damp)
@@ -113,10 +120,13 @@ def build_database(model, structure: Structure, hessians: dict, levels: int, dam
             for k, snap in enumerate(snapshots):
                 tensors[f"{module}.kept.{k}"] = snap.kept_units.to(torch.int64)
                 tensors[f"{module}.weight.{k}"] = snap.weight.to(weight.dtype).contiguous()
-            losses[module].append([s.loss for s in snapshots])
+            layer_losses[module] = [s.loss for s in snapshots]
             if on_module:
-                on_module(layer, module, losses[module][-1])
+                on_module(layer, module, layer_losses[module])
         save_file(tensors, str(out_dir / _layer_file(layer)))
+        done[str(layer)] = layer_losses
+        _write_atomic(progress_file, json.dumps(done))
+    losses = {m: [done[str(i)][m] for i in range(structure.num_layers)] for m in MODULE_TYPES}
     manifest = {
         "format": 1,
         "sha256": {_layer_file(i): file_sha256(out_dir / _layer_file(i)) for i in range(structure.num_layers)},
@@ -130,7 +140,14 @@ def build_database(model, structure: Structure, hessians: dict, levels: int, dam
         "identity": identity,
     }
     (out_dir / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    progress_file.unlink()
     return manifest
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
 
 
 def _layer_file(layer: int) -> str:

@@ -18,7 +18,11 @@ DATABASE = Path("database")
 LEVELS = Path("levels")
 SEARCH_HISTORY = Path("search/history.csv")
 SEARCH_STRUCTURE = Path("search/structure.csv")
-SEARCH_CHECKPOINT = Path(".darwinlm/search_checkpoint.json")  # not a DVC output: survives a re-run
+# Work in progress lives outside DVC's outputs (DVC deletes those before running a stage), so a
+# killed stage resumes from it.
+SEARCH_CHECKPOINT = Path(".darwinlm/search_checkpoint.json")
+DATABASE_WORK = Path(".darwinlm/database")
+FINETUNE_WORK = Path(".darwinlm/finetune")
 MODELS = {"searched": Path("models/pruned"), "uniform": Path("models/uniform")}
 METRICS = Path("metrics")
 PLOTS = Path("plots")

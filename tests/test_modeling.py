@@ -1,4 +1,6 @@
 """Database levels applied to models: dense-level equality and masked-vs-shrunk equality."""
+import json
+
 import pytest
 import torch
 
@@ -123,3 +125,28 @@ def test_corrupted_or_foreign_database_is_refused(tiny_model, tokens, tmp_path):
     fresh.level_weight(0, ATTN, 1)  # an intact layer still loads
     with pytest.raises(DatabaseError, match=r"layer_001.safetensors' is corrupted \(checksum mismatch\)"):
         fresh.level_weight(1, ATTN, 1)
+
+
+def test_interrupted_database_build_resumes_to_identical_files(tiny_model, tokens, tmp_path):
+    from pipeline.database import PROGRESS, file_sha256
+    structure = structure_of(tiny_model)
+    hessians = collect_hessians(tiny_model, structure, tokens, 6)
+    reference = build_database(tiny_model, structure, hessians, 4, 0.01, tmp_path / "ref", {})
+
+    class Killed(Exception):
+        pass
+
+    def die_in_layer_2(layer, module, losses):
+        if layer == 2:
+            raise Killed
+    with pytest.raises(Killed):
+        build_database(tiny_model, structure, hessians, 4, 0.01, tmp_path / "work", {}, on_module=die_in_layer_2)
+    assert sorted(json.loads((tmp_path / "work" / PROGRESS).read_text())) == ["0", "1"]
+    finished = []
+    resumed = build_database(tiny_model, structure, hessians, 4, 0.01, tmp_path / "work", {},
+                             on_module=lambda layer, module, losses: finished.append(layer))
+    assert finished == [2, 2]  # only the missing layer was computed
+    assert resumed == reference and not (tmp_path / "work" / PROGRESS).exists()
+    for i in range(3):
+        name = f"layer_{i:03d}.safetensors"
+        assert file_sha256(tmp_path / "work" / name) == file_sha256(tmp_path / "ref" / name)
