@@ -205,9 +205,12 @@ class FinetuneParams:
     warmup_steps: int = 10
     distill: float = 0.5  # weight of the KL(dense || pruned) term; 0 = causal-LM loss only
     temperature: float = 1.0
+    checkpoint_every: int = 50  # steps between resumable checkpoints (0 = none)
     seed: int = 0
 
     def check(self, key: str) -> None:
+        if self.checkpoint_every < 0:
+            raise ConfigError(f"{key}.checkpoint_every is {self.checkpoint_every}: must be >= 0 (0 = no checkpoints)")
         if self.steps < 0:
             raise ConfigError(f"{key}.steps is {self.steps}: must be >= 0 (0 = no training)")
         _positive(f"{key}.batch_size", self.batch_size)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -21,13 +22,15 @@ def causal_lm_loss(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
 def train_causal_lm(model, sequences: torch.Tensor, *, steps: int, batch_size: int, lr: float,
                     weight_decay: float = 0.0, warmup_steps: int = 0, seed: int = 0,
                     teacher=None, distill: float = 0.0, temperature: float = 1.0, constant_lr: bool = False,
-                    after_step: Callable[[], None] | None = None,
-                    on_step: Callable[[int, dict], None] | None = None) -> list[float]:
+                    on_step: Callable[[int, dict], None] | None = None,
+                    checkpoint: Path | None = None, checkpoint_every: int = 0) -> list[float]:
     """AdamW with linear warm-up and cosine decay (or a constant rate) over `steps` batches drawn
     (seeded) from `sequences`.
 
     loss = (1 - distill) * causal-LM + distill * T^2 * KL(teacher || student) at temperature T.
-    `after_step` runs after every optimiser step (e.g. to keep pruned weights at zero).
+    With `checkpoint`, the whole training state (weights, optimiser, schedule, data order, losses)
+    is saved there every `checkpoint_every` steps, and a call that finds it continues from it: an
+    interrupted run resumed this way ends with the same weights as an uninterrupted one.
     Returns the loss of every step.
     """
     if steps == 0:
@@ -42,8 +45,15 @@ def train_causal_lm(model, sequences: torch.Tensor, *, steps: int, batch_size: i
         optimizer, lambda s: 1.0 if constant_lr else _lr_factor(s, steps, warmup_steps))
     was_training = model.training
     model.train()
-    losses = []
-    for step in range(steps):
+    losses, start = [], 0
+    if checkpoint is not None and Path(checkpoint).is_file():
+        state = torch.load(checkpoint, weights_only=False)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        schedule.load_state_dict(state["schedule"])
+        gen.set_state(state["generator"])
+        losses, start = state["losses"], state["step"]
+    for step in range(start, steps):
         batch = sequences[torch.randint(len(sequences), (batch_size,), generator=gen)].to(device)
         logits = model(input_ids=batch).logits
         loss = causal_lm_loss(logits, batch)
@@ -59,13 +69,23 @@ def train_causal_lm(model, sequences: torch.Tensor, *, steps: int, batch_size: i
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         schedule.step()
-        if after_step is not None:
-            after_step()
         losses.append(loss.item())
+        if checkpoint is not None and checkpoint_every and (step + 1) % checkpoint_every == 0 and step + 1 < steps:
+            _save_checkpoint(Path(checkpoint), {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                                                "schedule": schedule.state_dict(), "generator": gen.get_state(),
+                                                "losses": losses, "step": step + 1})
         if on_step is not None:
             on_step(step, {"loss": losses[-1], "lr": schedule.get_last_lr()[0], **parts})
     model.train(was_training)
     return losses
+
+
+def _save_checkpoint(path: Path, state: dict) -> None:
+    """Atomically: a kill mid-write leaves the previous checkpoint."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    tmp.replace(path)
 
 
 def _lr_factor(step: int, total: int, warmup: int) -> float:

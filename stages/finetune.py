@@ -1,16 +1,21 @@
 """Stage finetune@<searched|uniform>: materialise the levels as a physically smaller model, train
 it (causal-LM loss, optionally distilled from the dense model) and save a Hugging Face folder."""
 import argparse
+import dataclasses
+import hashlib
+import json
+from pathlib import Path
 
 import pandas as pd
 
 from pipeline import tracking
-from pipeline.database import Database
+from pipeline.database import MANIFEST, Database
 from pipeline.export import save_pruned
 from pipeline.modeling import count_params, load_dense, materialize
 from pipeline.evaluate import perplexity
 from pipeline.model_card import STRUCTURE_PNG, model_card
-from pipeline.outputs import DATABASE, MODELS, PLOTS, atomic_dir, levels_path, read_json, write_text
+from pipeline.outputs import (DATABASE, FINETUNE_WORK, MODELS, PLOTS, TOKENS, atomic_dir, levels_path, read_json,
+                              write_text)
 from pipeline.plots import layer_structure, training_curve
 from pipeline.stage import load_tokens, model_source, run_stage
 from pipeline.train import train_causal_lm
@@ -33,10 +38,14 @@ def main(name, params, say):
         if step % 25 == 0 or step == p.steps - 1:
             say(f"step {step + 1}/{p.steps} loss {values['loss']:.4f}")
 
+    checkpoint = _checkpoint_path(name, params)
+    if checkpoint.is_file():
+        say(f"resuming the interrupted training from {checkpoint}")
     losses = train_causal_lm(model, train_set, steps=p.steps, batch_size=p.batch_size, lr=p.lr,
                              weight_decay=p.weight_decay, warmup_steps=p.warmup_steps, seed=p.seed,
                              teacher=dense if p.distill > 0 else None, distill=p.distill,
-                             temperature=p.temperature, on_step=on_step)
+                             temperature=p.temperature, on_step=on_step, checkpoint=checkpoint,
+                             checkpoint_every=p.checkpoint_every)
     model.eval()
     eval_set = load_tokens("eval")
     results = {"dense": perplexity(dense, eval_set, params.evaluate.batch_size),
@@ -59,8 +68,17 @@ def main(name, params, say):
     if losses:
         tracking.log_figure(training_curve(losses, f"finetune {name}"), f"finetune_{name}_loss.png")
     tracking.log_artifacts(out, f"model_{name}")
+    checkpoint.unlink(missing_ok=True)
     return {"parameters": count_params(model), "final_loss": sum(losses[-10:]) / max(1, len(losses[-10:])),
             "eval_ppl": results["pruned and trained"], "eval_ppl_oneshot": oneshot_ppl}
+
+
+def _checkpoint_path(name: str, params) -> Path:
+    """A checkpoint belongs to one training: these params, levels, database and training tokens."""
+    digest = hashlib.sha256(json.dumps(dataclasses.asdict(params.finetune), sort_keys=True).encode())
+    for path in (levels_path(name), DATABASE / MANIFEST, TOKENS / "train.pt"):
+        digest.update(Path(path).read_bytes())
+    return FINETUNE_WORK / f"{name}-{digest.hexdigest()[:16]}.pt"
 
 
 if __name__ == "__main__":

@@ -161,27 +161,41 @@ def test_bad_params_stop_before_any_stage_and_keep_earlier_outputs(repo):
         (repo / "params.yaml").write_text(original)
 
 
-def test_killed_search_resumes_under_dvc_repro_to_the_uninterrupted_levels(repo):
+KILLS = [  # stage, params that make it long enough to kill, the progress line to kill at, its result, resume message
+    ("database", {"database": {"levels": 6}}, "layer 2/2 attn", "database/manifest.json",
+     "resuming the interrupted database build (1 layers done)"),
+    ("search", {"search": {"generations": 8}}, "generation 4/8", "levels/searched.json",
+     "resuming the interrupted search after generation"),
+    ("finetune@searched", {"finetune": {"steps": 40, "checkpoint_every": 5}}, "step 26/40",
+     "models/pruned/model.safetensors", "resuming the interrupted training"),
+]
+
+
+@pytest.mark.parametrize("stage,edits,kill_at,result,message", KILLS, ids=[k[0] for k in KILLS])
+def test_killed_stage_resumes_under_dvc_repro_to_the_uninterrupted_result(repo, stage, edits, kill_at, result,
+                                                                           message):
     import signal
     original = (repo / "params.yaml").read_text()
     try:
-        _edit_params(repo, "search", generations=8)
+        for section, values in edits.items():
+            _edit_params(repo, section, **values)
         _run(repo, "dvc", "repro")
-        reference = json.loads((repo / "levels/searched.json").read_text())
-        shutil.rmtree(repo / ".darwinlm")
-        command = ["dvc", "repro", "--force", "--single-item", "search"]
-        process = subprocess.Popen(command, cwd=repo, env=_env(),
-                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        reference = (repo / result).read_bytes()
+        shutil.rmtree(repo / ".darwinlm", ignore_errors=True)  # no finished work to reuse: really run it
+        command = ["dvc", "repro", "--force", "--single-item", stage]
+        process = subprocess.Popen(command, cwd=repo, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                   text=True, start_new_session=True)
+        seen = []
         for line in process.stdout:
-            if "generation 4/8" in line:
+            seen.append(line)
+            if kill_at in line:
                 os.killpg(process.pid, signal.SIGKILL)
                 break
         process.wait()
-        checkpoint = json.loads((repo / ".darwinlm/search_checkpoint.json").read_text())
-        assert 4 <= checkpoint["generation"] < 8
+        assert any(kill_at in line for line in seen), "".join(seen)[-2000:]
         resumed = _run(repo, *command)  # the user runs the interrupted command again
-        assert f"resuming the interrupted search after generation {checkpoint['generation']}" in resumed.stdout
-        assert json.loads((repo / "levels/searched.json").read_text()) == reference
+        assert message in resumed.stdout, resumed.stdout[-2000:]
+        assert (repo / result).read_bytes() == reference
     finally:
         (repo / "params.yaml").write_text(original)
         _run(repo, "dvc", "repro")
