@@ -25,7 +25,19 @@ def describe_model(p: ModelParams) -> dict:
     identity = {"kind": "folder", "folder_sha256": folder_hash(folder)} if folder.is_dir() else \
         {"kind": "hub", "revision": p.revision or "main"}
     return {"name_or_path": p.name_or_path, **identity, "model_type": config.model_type,
-            "parameters": count_params(skeleton), "structure": structure.__dict__}
+            "parameters": count_params(skeleton), "structure": structure.__dict__,
+            "context": getattr(config, "max_position_embeddings", None)}
+
+
+def check_params_against_model(params, num_layers: int, context: int | None) -> None:
+    """Cross-checks that need the model's shape: sequence length vs context, target vs levels."""
+    if context is not None and params.data.seq_len > context:
+        raise ConfigError(f"data.seq_len ({params.data.seq_len}) exceeds the model's context "
+                          f"(max_position_embeddings = {context})")
+    levels, target = params.database.levels, params.search.target
+    if round(target * levels * num_layers) == 0:
+        raise ConfigError(f"search.target {target} with database.levels {levels} over {num_layers} layers rounds "
+                          "to no level removed at all: raise search.target or database.levels")
 
 
 def folder_hash(folder: Path) -> str:

@@ -7,15 +7,18 @@ import sys
 from pipeline.config import ConfigError, load_params
 from pipeline.modeling import ModelStructureError
 from pipeline.outputs import write_json
-from pipeline.resolve import describe_model
+from pipeline.resolve import check_params_against_model, describe_model
 
 CHECKED = "checks/params.json"
 
 if __name__ == "__main__":
     try:
         params = load_params("params.yaml")
-        if not params.is_demo:
-            describe_model(params.model)
+        if params.is_demo:
+            check_params_against_model(params, params.demo.num_layers, params.demo.seq_len)
+        else:
+            info = describe_model(params.model)
+            check_params_against_model(params, info["structure"]["num_layers"], info["context"])
     except (ConfigError, ModelStructureError) as err:
         sys.exit(f"error in params.yaml: {err}")
     write_json(CHECKED, {"params.yaml": "valid"})

@@ -81,3 +81,22 @@ def test_dataset_spec_and_file_lists_parse(tmp_path):
 def test_scientific_notation_without_dot_is_a_number(tmp_path):
     params = load_params(_write(tmp_path, lambda r: r["search"].update(train_lr="1e-5")))
     assert params.search.train_lr == 1e-5
+
+
+def test_checks_against_the_model_shape(tmp_path):
+    from pipeline.resolve import check_params_against_model
+    params = load_params(_write(tmp_path, lambda r: r["data"].update(seq_len=128)))
+    check_params_against_model(params, 4, 128)
+    with pytest.raises(ConfigError, match=r"data.seq_len \(128\) exceeds the model's context"):
+        check_params_against_model(params, 4, 64)
+    tiny = load_params(_write(tmp_path, lambda r: r["search"].update(target=0.01)))
+    with pytest.raises(ConfigError, match="rounds to no level removed"):
+        check_params_against_model(tiny, 4, 128)
+
+
+def test_unresolvable_model_id_is_a_clear_error_offline(monkeypatch):
+    from pipeline.config import ModelParams
+    from pipeline.resolve import describe_model
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ConfigError, match="model.name_or_path 'no-such-org/no-such-model' cannot be resolved"):
+        describe_model(ModelParams(name_or_path="no-such-org/no-such-model"))
