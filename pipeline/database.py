@@ -18,6 +18,7 @@ from safetensors.torch import save_file
 
 from pipeline.modeling import MODULE_TYPES, Structure, output_projection
 from pipeline.obs import greedy_obs, prepare_hessian, removal_counts
+from pipeline.outputs import write_text
 
 MANIFEST = "manifest.json"
 PROGRESS = "progress.json"
@@ -125,7 +126,7 @@ def build_database(model, structure: Structure, hessians: dict, levels: int, dam
                 on_module(layer, module, layer_losses[module])
         save_file(tensors, str(out_dir / _layer_file(layer)))
         done[str(layer)] = layer_losses
-        _write_atomic(progress_file, json.dumps(done))
+        write_text(progress_file, json.dumps(done))
     losses = {m: [done[str(i)][m] for i in range(structure.num_layers)] for m in MODULE_TYPES}
     manifest = {
         "format": 1,
@@ -142,12 +143,6 @@ def build_database(model, structure: Structure, hessians: dict, levels: int, dam
     (out_dir / MANIFEST).write_text(json.dumps(manifest, indent=1))
     progress_file.unlink()
     return manifest
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
 
 
 def _layer_file(layer: int) -> str:

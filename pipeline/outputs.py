@@ -3,6 +3,7 @@ that looks complete: everything goes to a temporary sibling first and is renamed
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -48,11 +49,28 @@ def atomic_dir(path: Path):
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    move_dir_into_place(tmp, path)
+
+
+def move_dir_into_place(source: Path, path: Path) -> None:
+    """Rename a finished folder onto `path` (same file system), replacing what was there."""
+    path = Path(path)
     if path.exists():
         old = path.with_name(f".{path.name}.old")
         shutil.rmtree(old, ignore_errors=True)
         os.replace(path, old)
         shutil.rmtree(old, ignore_errors=True)
+    os.replace(source, path)
+
+
+@contextlib.contextmanager
+def atomic_file(path: Path):
+    """Yield a temporary path beside `path`; on success it replaces `path` in one rename, so a kill
+    mid-write leaves the previous file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    yield tmp
     os.replace(tmp, path)
 
 
@@ -61,11 +79,17 @@ def write_json(path: Path, data) -> None:
 
 
 def write_text(path: Path, text: str) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    with atomic_file(path) as tmp:
+        tmp.write_text(text)
+
+
+def inputs_key(values, files=()) -> str:
+    """Identifies one piece of work by its params and input files, so unfinished work is only ever
+    resumed by the same work."""
+    digest = hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode())
+    for f in files:
+        digest.update(Path(f).read_bytes())
+    return digest.hexdigest()[:16]
 
 
 def read_json(path: Path):

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -24,6 +23,7 @@ from pipeline.database import Database
 from pipeline.fitness import Teacher, fitness
 from pipeline.modeling import MODULE_TYPES, masked_weight, materialize, output_projection
 from pipeline.obs import column_indices
+from pipeline.outputs import write_text
 from pipeline.train import train_causal_lm
 
 Levels = dict[str, list[int]]
@@ -139,10 +139,7 @@ class SearchState:
         version, internal, gauss = self.rng.getstate()
         data = {"key": key, "parent": self.parent, "generation": self.generation,
                 "rng": [version, list(internal), gauss], "history": self.history}
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(data))
-        os.replace(tmp, path)
+        write_text(path, json.dumps(data))
 
     @classmethod
     def load(cls, path: Path, key: str) -> SearchState | None:

@@ -8,6 +8,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from pipeline.outputs import atomic_file
+
 
 def kl_per_token(teacher_logprobs: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
     """KL(P_teacher || P_student) for each position: (..., V) -> (...)."""
@@ -71,21 +73,14 @@ def train_causal_lm(model, sequences: torch.Tensor, *, steps: int, batch_size: i
         schedule.step()
         losses.append(loss.item())
         if checkpoint is not None and checkpoint_every and (step + 1) % checkpoint_every == 0 and step + 1 < steps:
-            _save_checkpoint(Path(checkpoint), {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                                                "schedule": schedule.state_dict(), "generator": gen.get_state(),
-                                                "losses": losses, "step": step + 1})
+            with atomic_file(checkpoint) as tmp:
+                torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                            "schedule": schedule.state_dict(), "generator": gen.get_state(),
+                            "losses": losses, "step": step + 1}, tmp)
         if on_step is not None:
             on_step(step, {"loss": losses[-1], "lr": schedule.get_last_lr()[0], **parts})
     model.train(was_training)
     return losses
-
-
-def _save_checkpoint(path: Path, state: dict) -> None:
-    """Atomically: a kill mid-write leaves the previous checkpoint."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    tmp.replace(path)
 
 
 def _lr_factor(step: int, total: int, warmup: int) -> float:

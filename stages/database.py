@@ -3,9 +3,6 @@
 import dataclasses
 import hashlib
 import json
-import shutil
-
-from pathlib import Path
 
 import torch
 
@@ -13,7 +10,7 @@ from pipeline import database, obs, tracking
 from pipeline.config import ConfigError
 from pipeline.database import PROGRESS, build_database, check_units, collect_hessians, model_fingerprint
 from pipeline.modeling import MODULE_TYPES, load_dense, structure_of
-from pipeline.outputs import DATABASE, DATABASE_WORK, atomic_dir
+from pipeline.outputs import DATABASE, DATABASE_WORK, inputs_key, move_dir_into_place
 from pipeline.plots import obs_losses
 from pipeline.stage import load_tokens, model_source, run_stage
 
@@ -39,16 +36,12 @@ def main(params, say):
     identity = {"model": model_source(params), "model_fingerprint": model_fingerprint(model),
                 "calib_tokens": calib.numel(), "calib_sha256": hashlib.sha256(calib.numpy().tobytes()).hexdigest()}
     # Finished layers live outside DVC's output until the end, so a killed run resumes from them.
-    code = hashlib.sha256(Path(obs.__file__).read_bytes() + Path(database.__file__).read_bytes()).hexdigest()
-    work = DATABASE_WORK / hashlib.sha256(json.dumps({**dataclasses.asdict(p), **identity, "code": code},
-                                                     sort_keys=True).encode()).hexdigest()[:16]
+    work = DATABASE_WORK / inputs_key({**dataclasses.asdict(p), **identity}, (obs.__file__, database.__file__))
     if (work / PROGRESS).is_file():
         say(f"resuming the interrupted database build ({len(json.loads((work / PROGRESS).read_text()))} layers done)")
     manifest = build_database(model, structure, hessians, p.levels, p.damp, work, identity=identity,
                               on_module=on_module, attn_unit=p.attn_unit, mlp_unit=p.mlp_unit)
-    with atomic_dir(DATABASE) as tmp:
-        shutil.copytree(work, tmp, dirs_exist_ok=True)
-    shutil.rmtree(work)
+    move_dir_into_place(work, DATABASE)
     tracking.log_figure(obs_losses(manifest["obs_loss"]), "obs_loss.png")
     total = {m: sum(layer[len(layer) // 2] for layer in manifest["obs_loss"][m]) for m in MODULE_TYPES}
     return {"levels": p.levels, "obs_loss_half_level": total}

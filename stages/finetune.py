@@ -2,9 +2,6 @@
 it (causal-LM loss, optionally distilled from the dense model) and save a Hugging Face folder."""
 import argparse
 import dataclasses
-import hashlib
-import json
-from pathlib import Path
 
 import pandas as pd
 
@@ -14,8 +11,8 @@ from pipeline.export import save_pruned
 from pipeline.modeling import count_params, load_dense, materialize
 from pipeline.evaluate import perplexity
 from pipeline.model_card import STRUCTURE_PNG, model_card
-from pipeline.outputs import (DATABASE, FINETUNE_WORK, MODELS, PLOTS, TOKENS, atomic_dir, levels_path, read_json,
-                              write_text)
+from pipeline.outputs import (DATABASE, FINETUNE_WORK, MODELS, PLOTS, TOKENS, atomic_dir, inputs_key, levels_path,
+                              read_json, write_text)
 from pipeline.plots import layer_structure, training_curve
 from pipeline.stage import load_tokens, model_source, run_stage
 from pipeline.train import train_causal_lm
@@ -29,7 +26,8 @@ def main(name, params, say):
     db.check_model(dense)
     model = materialize(dense, db.structure, db.weights_for(levels))
     train_set = load_tokens("train")
-    oneshot_ppl = perplexity(model, load_tokens("eval"), params.evaluate.batch_size)
+    eval_set = load_tokens("eval")
+    oneshot_ppl = perplexity(model, eval_set, params.evaluate.batch_size)
     say(f"{name}: {count_params(dense):,} -> {count_params(model):,} parameters; training {p.steps} steps "
         f"of {p.batch_size} x {train_set.shape[1]} tokens (distill {p.distill})")
 
@@ -38,7 +36,9 @@ def main(name, params, say):
         if step % 25 == 0 or step == p.steps - 1:
             say(f"step {step + 1}/{p.steps} loss {values['loss']:.4f}")
 
-    checkpoint = _checkpoint_path(name, params)
+    # A checkpoint belongs to one training: these params, levels, database and training tokens.
+    key = inputs_key(dataclasses.asdict(p), (levels_path(name), DATABASE / MANIFEST, TOKENS / "train.pt"))
+    checkpoint = FINETUNE_WORK / f"{name}-{key}.pt"
     if checkpoint.is_file():
         say(f"resuming the interrupted training from {checkpoint}")
     losses = train_causal_lm(model, train_set, steps=p.steps, batch_size=p.batch_size, lr=p.lr,
@@ -47,7 +47,6 @@ def main(name, params, say):
                              temperature=p.temperature, on_step=on_step, checkpoint=checkpoint,
                              checkpoint_every=p.checkpoint_every)
     model.eval()
-    eval_set = load_tokens("eval")
     results = {"dense": perplexity(dense, eval_set, params.evaluate.batch_size),
                "one-shot (before training)": oneshot_ppl,
                "pruned and trained": perplexity(model, eval_set, params.evaluate.batch_size)}
@@ -71,14 +70,6 @@ def main(name, params, say):
     checkpoint.unlink(missing_ok=True)
     return {"parameters": count_params(model), "final_loss": sum(losses[-10:]) / max(1, len(losses[-10:])),
             "eval_ppl": results["pruned and trained"], "eval_ppl_oneshot": oneshot_ppl}
-
-
-def _checkpoint_path(name: str, params) -> Path:
-    """A checkpoint belongs to one training: these params, levels, database and training tokens."""
-    digest = hashlib.sha256(json.dumps(dataclasses.asdict(params.finetune), sort_keys=True).encode())
-    for path in (levels_path(name), DATABASE / MANIFEST, TOKENS / "train.pt"):
-        digest.update(Path(path).read_bytes())
-    return FINETUNE_WORK / f"{name}-{digest.hexdigest()[:16]}.pt"
 
 
 if __name__ == "__main__":

@@ -1,8 +1,6 @@
 """Stage search: the evolutionary search for per-module levels (DESIGN.md 2.3). Checkpoints every
 generation (outside DVC's outputs) and resumes an interrupted search of the same inputs."""
 import dataclasses
-import hashlib
-import json
 
 import pandas as pd
 
@@ -11,8 +9,8 @@ from pipeline.database import MANIFEST, Database
 from pipeline.evaluate import perplexity
 from pipeline.fitness import fitness, teacher_bytes, teacher_targets
 from pipeline.modeling import load_dense
-from pipeline.outputs import (DATABASE, SEARCH_CHECKPOINT, SEARCH_HISTORY, SEARCH_STRUCTURE, TOKENS, levels_path,
-                              write_json, write_text)
+from pipeline.outputs import (DATABASE, SEARCH_CHECKPOINT, SEARCH_HISTORY, SEARCH_STRUCTURE, TOKENS, inputs_key,
+                              levels_path, write_json, write_text)
 from pipeline.plots import layer_structure, search_curve
 from pipeline.search import LevelSwapper, SearchState, evolve, prunable_params, uniform_levels
 from pipeline.stage import load_tokens, model_source, run_stage
@@ -48,7 +46,8 @@ def main(params, say):
             f"survivors {survivors}{' (parent kept)' if record['parent_kept'] else ''}"
             + (f", parent eval ppl {record['parent_eval_ppl']:.3f}" if "parent_eval_ppl" in record else ""))
 
-    key = _checkpoint_key(params)
+    key = inputs_key({"search": dataclasses.asdict(p), "model": model_source(params)},
+                     (DATABASE / MANIFEST, TOKENS / "fitness.pt", TOKENS / "train.pt"))
     resumed = SearchState.load(SEARCH_CHECKPOINT, key)
     if resumed and resumed.generation >= p.generations:
         say(f"this exact search already finished ({SEARCH_CHECKPOINT}): reusing its result")
@@ -71,15 +70,6 @@ def main(params, say):
         f"{p.fitness} on the whole fitness set {start_fitness:.5f} (uniform) -> {final_fitness:.5f}")
     return {"fitness.uniform": start_fitness, "fitness.searched": final_fitness, "generations": state.generation,
             "module_swaps": swapper.swaps, "removed_fraction": 1 - kept / dense}
-
-
-def _checkpoint_key(params) -> str:
-    """Identifies the search's inputs: a checkpoint of any other search is never resumed."""
-    digest = hashlib.sha256(json.dumps({"search": dataclasses.asdict(params.search), "model": model_source(params)},
-                                       sort_keys=True).encode())
-    for path in (DATABASE / MANIFEST, TOKENS / "fitness.pt", TOKENS / "train.pt"):
-        digest.update(path.read_bytes())
-    return digest.hexdigest()
 
 
 def _structure_table(db, searched, uniform) -> pd.DataFrame:

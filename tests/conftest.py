@@ -59,3 +59,22 @@ def tiny_family(family: str, seed=0, layers=2, heads=4, kv_heads=2, hidden=32, i
             else:  # biases and norm weights away from their trivial init
                 p.add_(0.3 * torch.randn_like(p))
     return model
+
+
+def masked_copy(model, db, levels):
+    """Independent reference for a pruned model: a deep copy of the dense model whose o_proj /
+    down_proj keep only the database's corrected columns of the kept heads / neurons, zeros elsewhere."""
+    import copy
+    masked = copy.deepcopy(model)
+    head_dim = db.structure.head_dim
+    with torch.no_grad():
+        for module, size in (("attn", head_dim), ("mlp", 1)):
+            for layer, level in enumerate(levels[module]):
+                kept, weight = db.level_weight(layer, module, level)
+                block = masked.model.layers[layer]
+                proj = block.self_attn.o_proj if module == "attn" else block.mlp.down_proj
+                full = torch.zeros_like(proj.weight)
+                for j, unit in enumerate(kept.tolist()):
+                    full[:, unit * size:(unit + 1) * size] = weight[:, j * size:(j + 1) * size]
+                proj.weight.copy_(full)
+    return masked

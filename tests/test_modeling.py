@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from pipeline.database import Database, build_database, collect_hessians
-from pipeline.modeling import ATTN, MLP, ModelStructureError, masked_weight, materialize, output_projection, structure_of
-from pipeline.obs import column_indices
+from conftest import masked_copy as _masked_copy
+from pipeline.modeling import ATTN, MLP, ModelStructureError, materialize, structure_of
 
 
 @pytest.fixture
@@ -15,19 +15,6 @@ def database(tiny_model, tokens, tmp_path):
     hessians = collect_hessians(tiny_model, structure, tokens, batch_size=5)
     build_database(tiny_model, structure, hessians, levels=4, damp=0.01, out_dir=tmp_path / "db", identity={})
     return Database(tmp_path / "db")
-
-
-def _masked_copy(model, db, levels):
-    """Dense-shaped model with each module's output projection replaced by its zero-filled level weight."""
-    import copy
-    masked = copy.deepcopy(model)
-    for module in (ATTN, MLP):
-        for layer, level in enumerate(levels[module]):
-            units, weight = db.level_weight(layer, module, level)
-            proj = output_projection(masked, layer, module)
-            cols = column_indices(units, db.structure.unit_size(module))
-            proj.weight.data = masked_weight(proj.weight.shape, cols, weight)
-    return masked
 
 
 def test_level_zero_reproduces_dense_logits(tiny_model, database, tokens):
