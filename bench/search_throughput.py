@@ -20,7 +20,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from pipeline.database import Database, build_database, collect_hessians  # noqa: E402
+from pipeline.database import Database, build_database  # noqa: E402
 from pipeline.fitness import fitness, teacher_targets  # noqa: E402
 from pipeline.modeling import MODULE_TYPES, masked_weight, materialize, output_projection, structure_of  # noqa: E402
 from pipeline.obs import column_indices  # noqa: E402
@@ -74,7 +74,7 @@ def main():
     structure = structure_of(dense)
     with tempfile.TemporaryDirectory() as tmp:
         t = time.perf_counter()
-        build_database(dense, structure, collect_hessians(dense, structure, tokens, 8), 10, 0.01, Path(tmp), {})
+        build_database(dense, structure, tokens, 10, 0.01, Path(tmp), {}, batch_size=8)
         print(f"database for {a.layers} layers built in {time.perf_counter() - t:.1f}s", flush=True)
         db = Database(tmp)
         fit = tokens[: a.fitness_seqs]

@@ -255,6 +255,21 @@ class TrackingParams:
 
 
 @dataclass(frozen=True)
+class ComputeParams:
+    """How the database, search and finetune stages run. Not a DVC dependency of any stage: the
+    results do not depend on it (up to float round-off), so changing it re-runs nothing."""
+    nproc: int = 1  # processes on this machine (torchrun): one per GPU, or CPU processes with gloo
+    device: str = "auto"  # auto: each process's GPU when there is one, else the CPU | cuda | cpu
+    fsdp: bool = False  # finetune: shard weights/gradients/optimiser over processes instead of replicating (DDP)
+    activations: str = "auto"  # database calibration activations: memory | disk | auto (disk when RAM is short)
+
+    def check(self, key: str) -> None:
+        _positive(f"{key}.nproc", self.nproc)
+        _one_of(f"{key}.device", self.device, ("auto", "cuda", "cpu"))
+        _one_of(f"{key}.activations", self.activations, ("auto", "memory", "disk"))
+
+
+@dataclass(frozen=True)
 class Params:
     model: ModelParams = field(default_factory=ModelParams)
     demo: DemoParams = field(default_factory=DemoParams)
@@ -264,6 +279,7 @@ class Params:
     finetune: FinetuneParams = field(default_factory=FinetuneParams)
     evaluate: EvaluateParams = field(default_factory=EvaluateParams)
     tracking: TrackingParams = field(default_factory=TrackingParams)
+    compute: ComputeParams = field(default_factory=ComputeParams)
 
     @property
     def is_demo(self) -> bool:
@@ -278,6 +294,9 @@ class Params:
                 if asked > available:
                     raise ConfigError(f"search.schedule[{i}].{kind}_tokens ({asked}) exceeds data.{kind}_tokens "
                                       f"({available}), the {kind} set it draws from")
+        if self.finetune.batch_size % self.compute.nproc:
+            raise ConfigError(f"finetune.batch_size ({self.finetune.batch_size}) must be divisible by compute.nproc "
+                              f"({self.compute.nproc}): each process trains on an equal share of every batch")
         if not self.is_demo:
             for name in ("train", "eval"):
                 if getattr(self.data, name) == "demo":

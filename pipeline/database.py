@@ -1,9 +1,9 @@
 """The layer database (DESIGN.md 2.2): Hessians of the output projections' inputs over the
 calibration set, structured OBS per (layer, module), and compact storage of every level.
 
-On disk: `manifest.json` plus one `layer_NNN.safetensors` per layer holding, for each module and
-level k, the kept unit indices (`{module}.kept.{k}`) and the corrected output projection on the
-kept columns only (`{module}.weight.{k}`).
+On disk: `manifest.json` plus one `layer_NNN.{attn,mlp}.safetensors` per (layer, module) holding,
+for each level k, the kept unit indices (`kept.{k}`) and the corrected output projection on the
+kept columns only (`weight.{k}`); its metadata holds the OBS loss of every level.
 """
 from __future__ import annotations
 
@@ -16,12 +16,14 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from pipeline.blockwise import BlockRunner
+from pipeline.distributed import SINGLE, Group
 from pipeline.modeling import MODULE_TYPES, Structure, output_projection
 from pipeline.obs import greedy_obs, prepare_hessian, removal_counts
-from pipeline.outputs import write_text
+from pipeline.outputs import atomic_file, write_text
 
 MANIFEST = "manifest.json"
-PROGRESS = "progress.json"
+FORMAT = 2
 
 
 class DatabaseError(ValueError):
@@ -48,35 +50,37 @@ def model_fingerprint(model) -> str:
 
 
 @torch.no_grad()
-def collect_hessians(model, structure: Structure, sequences: torch.Tensor, batch_size: int,
-                     dtype: torch.dtype = torch.float64,
-                     on_batch: Callable[[int, int], None] | None = None) -> dict:
-    """H = X^T X / N for the inputs X of every o_proj and down_proj, from the dense model."""
+def block_hessians(runner: BlockRunner, group: Group, dtype: torch.dtype, keep_outputs: bool = True) -> dict:
+    """Advance `runner` by one block and return H = X^T X / N for the inputs X of that block's
+    o_proj and down_proj, summed over every rank's calibration shard (N = all ranks' tokens)."""
+    layer = runner.next_block
     hessians, hooks = {}, []
-    tokens = 0
 
-    def accumulate(key):
+    def accumulate(module):
         def hook(_module, inputs, _output):
             x = inputs[0].reshape(-1, inputs[0].shape[-1]).to(dtype)
-            if key not in hessians:
-                hessians[key] = torch.zeros(x.shape[1], x.shape[1], dtype=dtype)
-            hessians[key].addmm_(x.T, x)
+            if module not in hessians:
+                hessians[module] = torch.zeros(x.shape[1], x.shape[1], dtype=dtype, device=x.device)
+            hessians[module].addmm_(x.T, x)
         return hook
 
-    for layer in range(structure.num_layers):
-        for module in MODULE_TYPES:
-            hooks.append(output_projection(model, layer, module).register_forward_hook(accumulate((layer, module))))
+    for module in MODULE_TYPES:
+        hooks.append(output_projection(runner.model, layer, module).register_forward_hook(accumulate(module)))
     try:
-        batches = list(torch.split(sequences, batch_size))
-        for i, batch in enumerate(batches):
-            model(input_ids=batch.to(model.device))
-            tokens += batch.numel()
-            if on_batch:
-                on_batch(i + 1, len(batches))
+        runner.advance(keep_outputs)
     finally:
         for h in hooks:
             h.remove()
-    return {key: h / tokens for key, h in hessians.items()}
+    tokens = group.all_reduce_sum_(torch.tensor([float(runner.tokens)], dtype=torch.float64, device=group.device))
+    return {m: group.all_reduce_sum_(hessians[m].to(group.device)) / float(tokens) for m in MODULE_TYPES}
+
+
+def module_owner(layer: int, module: str, world: int) -> int:
+    """Which rank runs OBS for (layer, module). Blocks are processed in groups of `world`; within a
+    group every rank gets one MLP and one attention module (the MLP dominates the cost), so the
+    ranks finish a group together."""
+    i = layer % world
+    return i if module == "mlp" else (i + 1) % world
 
 
 def obs_unit_heads(structure: Structure, module: str, attn_unit: str, mlp_unit: int) -> int:
@@ -95,42 +99,58 @@ def check_units(structure: Structure, attn_unit: str, mlp_unit: int) -> None:
                          f"({structure.intermediate_size}); pick a divisor")
 
 
-def build_database(model, structure: Structure, hessians: dict, levels: int, damp: float, out_dir: Path,
-                   identity: dict, on_module: Callable[[int, str, list[float]], None] | None = None,
-                   attn_unit: str = "query", mlp_unit: int = 1) -> dict:
-    """Run OBS for every (layer, module) and write the compact database; returns the manifest.
-    Kept indices are stored in OBS units; `Database` hands them out as query heads / neurons.
+def build_database(model, structure: Structure, calib: torch.Tensor, levels: int, damp: float, out_dir: Path,
+                   identity: dict, *, batch_size: int = 8, hessian_dtype: torch.dtype = torch.float64,
+                   attn_unit: str = "query", mlp_unit: int = 1, group: Group = SINGLE,
+                   spill_file: Path | None = None,
+                   on_module: Callable[[int, str, list[float]], None] | None = None) -> dict | None:
+    """Stream the calibration windows through the dense model block by block, and run OBS for each
+    (layer, module) on the Hessians of that block; write the compact database, return the manifest
+    (on rank 0; None on the other ranks). Kept indices are stored in OBS units; `Database` hands
+    them out as query heads / neurons.
 
-    Layers already finished in `out_dir` by an interrupted call with the same inputs are kept
-    (`progress.json` lists them with their losses), so a rerun resumes at the first missing layer."""
+    Each rank streams its shard of `calib`; Hessians are summed over ranks and each (layer, module)
+    is solved by one rank (`module_owner`). Each module's file is written atomically, so a rerun with
+    the same inputs into the same `out_dir` skips finished modules and resumes the stream at the
+    first block with work left."""
     check_units(structure, attn_unit, mlp_unit)
     out_dir.mkdir(parents=True, exist_ok=True)
     per_unit = {m: obs_unit_heads(structure, m, attn_unit, mlp_unit) for m in MODULE_TYPES}
     counts = {m: removal_counts(structure.units(m) // per_unit[m], levels) for m in MODULE_TYPES}
-    progress_file = out_dir / PROGRESS
-    done = json.loads(progress_file.read_text()) if progress_file.is_file() else {}
-    for layer in range(structure.num_layers):
-        if str(layer) in done and (out_dir / _layer_file(layer)).is_file():
-            continue
-        tensors, layer_losses = {}, {}
-        for module in MODULE_TYPES:
-            weight = output_projection(model, layer, module).weight.detach()
-            hessian = prepare_hessian(hessians[(layer, module)], damp)
-            snapshots = greedy_obs(weight.cpu(), hessian, structure.unit_size(module) * per_unit[module],
-                                   counts[module])
-            for k, snap in enumerate(snapshots):
-                tensors[f"{module}.kept.{k}"] = snap.kept_units.to(torch.int64)
-                tensors[f"{module}.weight.{k}"] = snap.weight.to(weight.dtype).contiguous()
-            layer_losses[module] = [s.loss for s in snapshots]
-            if on_module:
-                on_module(layer, module, layer_losses[module])
-        save_file(tensors, str(out_dir / _layer_file(layer)))
-        done[str(layer)] = layer_losses
-        write_text(progress_file, json.dumps(done))
-    losses = {m: [done[str(i)][m] for i in range(structure.num_layers)] for m in MODULE_TYPES}
+    missing = lambda layer: [m for m in MODULE_TYPES if not (out_dir / module_file(layer, m)).is_file()]  # noqa: E731
+    todo = [layer for layer in range(structure.num_layers) if missing(layer)]
+    group.barrier()  # every rank has looked at the same finished files
+    if todo:
+        runner = BlockRunner(model, group.shard(calib), batch_size, group.device, spill_file)
+        for _ in range(todo[0]):
+            runner.advance()
+        for first in range(todo[0] - todo[0] % group.world, structure.num_layers, group.world):
+            owned = []
+            for layer in range(max(first, todo[0]), min(first + group.world, todo[-1] + 1)):
+                if layer not in todo:
+                    runner.advance()
+                    continue
+                hessians = block_hessians(runner, group, hessian_dtype, keep_outputs=layer != todo[-1])
+                owned += [(layer, m, hessians[m]) for m in missing(layer)
+                          if module_owner(layer, m, group.world) == group.rank]
+                del hessians
+            for layer, module, hessian in owned:
+                losses = _solve_module(model, structure, layer, module, prepare_hessian(hessian, damp),
+                                       structure.unit_size(module) * per_unit[module], counts[module], out_dir)
+                if on_module:
+                    on_module(layer, module, losses)
+            del owned
+            if first + group.world > todo[-1]:
+                break
+    group.barrier()
+    if not group.is_main:
+        return None
+    losses = {m: [_stored_losses(out_dir / module_file(i, m)) for i in range(structure.num_layers)]
+              for m in MODULE_TYPES}
+    files = [module_file(i, m) for i in range(structure.num_layers) for m in MODULE_TYPES]
     manifest = {
-        "format": 1,
-        "sha256": {_layer_file(i): file_sha256(out_dir / _layer_file(i)) for i in range(structure.num_layers)},
+        "format": FORMAT,
+        "sha256": {f: file_sha256(out_dir / f) for f in files},
         "levels": levels,
         "structure": structure.__dict__,
         "attn_unit": attn_unit,
@@ -140,17 +160,41 @@ def build_database(model, structure: Structure, hessians: dict, levels: int, dam
         "damp": damp,
         "identity": identity,
     }
-    (out_dir / MANIFEST).write_text(json.dumps(manifest, indent=1))
-    progress_file.unlink()
+    write_text(out_dir / MANIFEST, json.dumps(manifest, indent=1))
     return manifest
 
 
-def _layer_file(layer: int) -> str:
-    return f"layer_{layer:03d}.safetensors"
+def _solve_module(model, structure: Structure, layer: int, module: str, hessian: torch.Tensor, unit_size: int,
+                  counts: list[int], out_dir: Path) -> list[float]:
+    """Structured OBS for one module, on the Hessian's device; writes the module's file atomically."""
+    weight = output_projection(model, layer, module).weight.detach()
+    snapshots = greedy_obs(weight.to(hessian.device), hessian, unit_size, counts)
+    tensors = {}
+    for k, snap in enumerate(snapshots):
+        tensors[f"kept.{k}"] = snap.kept_units.to("cpu", torch.int64)
+        tensors[f"weight.{k}"] = snap.weight.to("cpu", weight.dtype).contiguous()
+    losses = [s.loss for s in snapshots]
+    with atomic_file(out_dir / module_file(layer, module)) as tmp:
+        save_file(tensors, str(tmp), metadata={"obs_loss": json.dumps(losses)})
+    return losses
+
+
+def _stored_losses(path: Path) -> list[float]:
+    with safe_open(str(path), framework="pt") as f:
+        return json.loads(f.metadata()["obs_loss"])
+
+
+def finished_modules(out_dir: Path) -> int:
+    """How many (layer, module) files an interrupted build left in `out_dir`."""
+    return len(list(Path(out_dir).glob("layer_*.safetensors")))
+
+
+def module_file(layer: int, module: str) -> str:
+    return f"layer_{layer:03d}.{module}.safetensors"
 
 
 class Database:
-    """Read access to a built database; tensors are loaded lazily and kept in memory. Each layer file
+    """Read access to a built database; tensors are loaded lazily and kept in memory. Each module's file
     is checked against its manifest checksum the first time it is read."""
 
     def __init__(self, path: str | Path):
@@ -159,12 +203,15 @@ class Database:
         if not manifest_path.is_file():
             raise FileNotFoundError(f"no layer database at '{self.path}' ({MANIFEST} missing): run the database stage")
         self.manifest = json.loads(manifest_path.read_text())
+        if self.manifest.get("format") != FORMAT:
+            raise DatabaseError(f"the layer database at '{self.path}' has format {self.manifest.get('format')}, "
+                                f"this version reads format {FORMAT}: rebuild it (dvc repro --force database)")
         self.levels: int = self.manifest["levels"]
         self.structure = Structure(**self.manifest["structure"])
         self.per_unit = {m: obs_unit_heads(self.structure, m, self.manifest.get("attn_unit", "query"),
                                            self.manifest.get("mlp_unit", 1)) for m in MODULE_TYPES}
         self._cache: dict = {}
-        self._verified: set[int] = set()
+        self._verified: set[str] = set()
 
     def check_model(self, model) -> None:
         """Refuse to serve a model other than the one the database was built from."""
@@ -175,16 +222,17 @@ class Database:
                 f"({self.manifest['identity'].get('model')}, fingerprint {built_for}) than the one loaded "
                 f"(fingerprint {model_fingerprint(model)}): rebuild it (dvc repro)")
 
-    def _verify(self, layer: int) -> Path:
-        path = self.path / _layer_file(layer)
-        if layer not in self._verified:
-            expected = self.manifest.get("sha256", {}).get(_layer_file(layer))
+    def _verify(self, layer: int, module: str) -> Path:
+        name = module_file(layer, module)
+        path = self.path / name
+        if name not in self._verified:
+            expected = self.manifest["sha256"].get(name)
             if not path.is_file():
                 raise DatabaseError(f"layer database file '{path}' is missing: rebuild the database (dvc repro)")
             if expected and file_sha256(path) != expected:
                 raise DatabaseError(f"layer database file '{path}' is corrupted (checksum mismatch): rebuild it "
                                     "with `dvc repro --force database` or restore it with `dvc checkout database`")
-            self._verified.add(layer)
+            self._verified.add(name)
         return path
 
     def level_weight(self, layer: int, module: str, level: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -193,11 +241,11 @@ class Database:
             raise ValueError(f"level {level} outside 0..{self.levels}")
         key = (layer, module, level)
         if key not in self._cache:
-            with safe_open(str(self._verify(layer)), framework="pt") as f:
-                units = f.get_tensor(f"{module}.kept.{level}")
+            with safe_open(str(self._verify(layer, module)), framework="pt") as f:
+                units = f.get_tensor(f"kept.{level}")
                 n = self.per_unit[module]
                 heads = (units[:, None] * n + torch.arange(n)).reshape(-1)
-                self._cache[key] = (heads, f.get_tensor(f"{module}.weight.{level}"))
+                self._cache[key] = (heads, f.get_tensor(f"weight.{level}"))
         return self._cache[key]
 
     def weights_for(self, levels: dict[str, list[int]]) -> dict:

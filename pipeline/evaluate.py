@@ -13,7 +13,9 @@ def perplexity(model, sequences: torch.Tensor, batch_size: int) -> float:
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
+    device = next(model.parameters()).device
     for batch in torch.split(sequences, batch_size):
+        batch = batch.to(device)
         logits = model(input_ids=batch).logits.float()
         total += float(F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1),
                                        reduction="sum"))

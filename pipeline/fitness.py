@@ -28,6 +28,9 @@ class Teacher:
     def subset(self, rows: torch.Tensor) -> Teacher:
         return Teacher(self.kind, *(t[rows] if t is not None else None for t in (self.logprobs, self.index)))
 
+    def to(self, device: torch.device) -> Teacher:
+        return Teacher(self.kind, *(t.to(device) if t is not None else None for t in (self.logprobs, self.index)))
+
 
 def teacher_bytes(kind: str, tokens: int, vocab: int, topk: int) -> int:
     """Memory the dense targets take, to print before computing them."""
@@ -39,8 +42,9 @@ def teacher_targets(model, sequences: torch.Tensor, batch_size: int, kind: str, 
     if kind == "ppl":
         return Teacher(kind)
     parts, index = [], []
-    for batch in torch.split(sequences, batch_size):
-        logprobs = F.log_softmax(model(input_ids=batch).logits.float(), dim=-1)
+    device = next(model.parameters()).device
+    for batch in torch.split(sequences, batch_size):  # targets are kept in CPU memory
+        logprobs = F.log_softmax(model(input_ids=batch.to(device)).logits.float(), dim=-1).cpu()
         if kind == "topk_kl":
             values, idx = logprobs.topk(min(topk, logprobs.shape[-1]), dim=-1)
             parts.append(values)
@@ -66,9 +70,10 @@ def fitness(model, sequences: torch.Tensor, teacher: Teacher, batch_size: int) -
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
+    device = next(model.parameters()).device
     for start in range(0, len(sequences), batch_size):
         rows = torch.arange(start, min(len(sequences), start + batch_size))
-        batch, target = sequences[rows], teacher.subset(rows)
+        batch, target = sequences[rows].to(device), teacher.subset(rows).to(device)
         logits = model(input_ids=batch).logits
         if teacher.kind == "ppl":
             values = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch[:, 1:].flatten(), reduction="none")

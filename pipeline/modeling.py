@@ -147,8 +147,8 @@ def materialize(dense_model, structure: Structure, level_weights: dict) -> Prune
     config = pruned_config(dense_model.config, structure, kept, block_features(dense_model))
     with torch.device("meta"):
         model = PrunedLlamaForCausalLM(config)
-    dtype = next(dense_model.parameters()).dtype
-    model = model.to_empty(device="cpu").to(dtype)
+    first = next(dense_model.parameters())
+    model = model.to_empty(device=first.device).to(first.dtype)
     state = {}
     dense_state = dense_model.state_dict()
     for name, tensor in dense_state.items():

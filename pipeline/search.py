@@ -20,6 +20,7 @@ import torch
 
 from pipeline.config import SearchParams, SelectionStage
 from pipeline.database import Database
+from pipeline.distributed import SINGLE, Group
 from pipeline.fitness import Teacher, fitness
 from pipeline.modeling import MODULE_TYPES, masked_weight, materialize, output_projection
 from pipeline.obs import column_indices
@@ -167,8 +168,11 @@ def budget_check(p: SearchParams, db: Database, start: Levels) -> Callable[[Leve
 
 def evolve(swapper: LevelSwapper, start: Levels, p: SearchParams, fitness_set: torch.Tensor, teacher: Teacher,
            train_set: torch.Tensor | None = None, on_generation: Callable[[dict, Levels], None] | None = None,
-           checkpoint: Path | None = None, checkpoint_key: str = "") -> SearchState:
-    """Run generations until `p.generations`; resumes from `checkpoint` when it holds this search."""
+           checkpoint: Path | None = None, checkpoint_key: str = "", group: Group = SINGLE) -> SearchState:
+    """Run generations until `p.generations`; resumes from `checkpoint` when it holds this search.
+
+    With several processes each scores its share of every stage's candidates; the scores are
+    gathered, so every rank makes the same choices from the same random state (rank 0 checkpoints)."""
     state = (SearchState.load(checkpoint, checkpoint_key) if checkpoint else None) or \
         SearchState(parent=start, generation=0, rng=random.Random(p.seed))
     accept = budget_check(p, swapper.db, start)
@@ -181,7 +185,7 @@ def evolve(swapper: LevelSwapper, start: Levels, p: SearchParams, fitness_set: t
         for s, stage in enumerate(p.schedule):
             if s == len(p.schedule) - 1 and state.parent not in candidates:  # elitism
                 candidates = candidates + [state.parent]
-            scores = _score_stage(swapper, candidates, stage, p, fitness_set, teacher, train_set, state.rng)
+            scores = _score_stage(swapper, candidates, stage, p, fitness_set, teacher, train_set, state.rng, group)
             order = sorted(range(len(candidates)), key=lambda i: scores[i])
             candidates = [candidates[i] for i in order[: stage.survivors]]
             record[f"stage{s + 1}_best"] = scores[order[0]]
@@ -190,7 +194,7 @@ def evolve(swapper: LevelSwapper, start: Levels, p: SearchParams, fitness_set: t
         state.parent = candidates[0]
         state.generation += 1
         state.history.append(record)
-        if checkpoint:
+        if checkpoint and group.is_main:
             state.save(checkpoint, checkpoint_key)
         if on_generation:
             on_generation(record, state.parent)
@@ -199,9 +203,9 @@ def evolve(swapper: LevelSwapper, start: Levels, p: SearchParams, fitness_set: t
 
 
 def _score_stage(swapper: LevelSwapper, candidates, stage: SelectionStage, p: SearchParams, fitness_set,
-                 teacher: Teacher, train_set, rng: random.Random) -> list[float]:
+                 teacher: Teacher, train_set, rng: random.Random, group: Group) -> list[float]:
     """Score every candidate on one fresh minibatch shared by all of them (trained first when the
-    stage has train_tokens and training-aware selection is on)."""
+    stage has train_tokens and training-aware selection is on); this rank scores its share."""
     seq_len = fitness_set.shape[1]
     n_fit = min(len(fitness_set), max(1, stage.fitness_tokens // seq_len))
     picked = torch.tensor(sorted(rng.sample(range(len(fitness_set)), n_fit)))
@@ -211,14 +215,17 @@ def _score_stage(swapper: LevelSwapper, candidates, stage: SelectionStage, p: Se
         n_train = min(len(train_set), max(1, stage.train_tokens // seq_len))
         train_batch = train_set[torch.tensor(rng.sample(range(len(train_set)), n_train))]
         train_seed = rng.randrange(2**31)
-    scores = []
-    for levels in candidates:
+    mine = {}
+    for i, levels in enumerate(candidates):
+        if not group.owns(i):
+            continue
         swapper.apply(levels)
         if trains:
-            scores.append(_trained_fitness(swapper, levels, train_batch, train_seed, batch, target, p))
+            mine[i] = _trained_fitness(swapper, levels, train_batch, train_seed, batch, target, p)
         else:
-            scores.append(fitness(swapper.model, batch, target, p.batch_size))
-    return scores
+            mine[i] = fitness(swapper.model, batch, target, p.batch_size)
+    scores = {i: s for part in group.gather(mine) for i, s in part.items()}
+    return [scores[i] for i in range(len(candidates))]
 
 
 def _trained_fitness(swapper: LevelSwapper, levels: Levels, train_batch, seed: int, batch, target: Teacher,

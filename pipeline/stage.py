@@ -10,14 +10,15 @@ from pathlib import Path
 
 import torch
 
-from pipeline import tracking
+from pipeline import distributed, tracking
 from pipeline.config import ConfigError, Params, load_params
 from pipeline.data import CorpusError
 from pipeline.database import DatabaseError
 from pipeline.modeling import ModelStructureError
+from pipeline.resources import ResourceError
 from pipeline.outputs import BASE_MODEL, TOKENS, metrics_path, write_json
 
-USER_ERRORS = (ConfigError, CorpusError, ModelStructureError, DatabaseError, FileNotFoundError)
+USER_ERRORS = (ConfigError, CorpusError, ModelStructureError, DatabaseError, ResourceError, FileNotFoundError)
 PARAMS_FILE = "params.yaml"
 _start = time.time()
 
@@ -26,30 +27,48 @@ def log(stage: str, message: str) -> None:
     print(f"[{stage} {time.time() - _start:7.1f}s] {message}", flush=True)
 
 
-def run_stage(name: str, sections: tuple[str, ...], body: Callable[[Params, Callable[[str], None]], dict],
-              close_pipeline: bool = False) -> None:
-    """Validate params.yaml, run `body(params, say)` inside the stage's MLflow run, write
-    metrics/<stage>.json with the returned metrics and the run id."""
+Body = Callable[[Params, Callable[[str], None], distributed.Group], dict]
+
+
+def run_stage(name: str, sections: tuple[str, ...], body: Body, close_pipeline: bool = False,
+              multiprocess: bool = False) -> None:
+    """Validate params.yaml, run `body(params, say, group)` inside the stage's MLflow run, write
+    metrics/<stage>.json with the returned metrics and the run id.
+
+    A `multiprocess` stage relaunches itself under torchrun when compute.nproc > 1; every rank runs
+    `body`, and only rank 0 talks (progress lines, MLflow, the metrics file)."""
     try:
         params = load_params(PARAMS_FILE)
     except ConfigError as err:
         sys.exit(f"error in {PARAMS_FILE}: {err}")
+    if multiprocess and params.compute.nproc > 1 and not distributed.launched_by_torchrun():
+        distributed.relaunch_with_torchrun(sys.modules["__main__"].__spec__.name, params.compute.nproc, sys.argv[1:])
+    group = distributed.init(params.compute.device) if multiprocess else \
+        distributed.Group(device=distributed.pick_device(params.compute.device))
     all_params = section_dicts(params, tuple(f.name for f in dataclasses.fields(params)))
 
     def say(message: str) -> None:
-        log(name, message)
+        if group.is_main:
+            log(name, message)
 
     try:
         with tracking.stage_run(name, section_dicts(params, sections), all_params, params.tracking.experiment,
-                                enabled=params.tracking.enabled, close_pipeline=close_pipeline) as run:
+                                enabled=params.tracking.enabled and group.is_main,
+                                close_pipeline=close_pipeline) as run:
             started = time.time()
-            metrics = body(params, say)
+            if group.world > 1:
+                say(f"{group.world} processes on {group.device.type}")
+            metrics = body(params, say, group)
             metrics["seconds"] = round(time.time() - started, 2)
             tracking.log_metrics({"seconds": metrics["seconds"]})
             metrics["mlflow_run_id"] = run.info.run_id
-            write_json(metrics_path(name), metrics)
+            if group.is_main:
+                write_json(metrics_path(name), metrics)
     except USER_ERRORS as err:
-        sys.exit(f"error in stage {name}: {err}")
+        where = "" if group.is_main else f" (rank {group.rank})"
+        sys.exit(f"error in stage {name}{where}: {err}")
+    finally:
+        distributed.close()
     say(f"done in {metrics['seconds']:.1f}s")
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from pipeline.distributed import SINGLE, Group
 from pipeline.outputs import atomic_file
 
 
@@ -25,7 +26,8 @@ def train_causal_lm(model, sequences: torch.Tensor, *, steps: int, batch_size: i
                     weight_decay: float = 0.0, warmup_steps: int = 0, seed: int = 0,
                     teacher=None, distill: float = 0.0, temperature: float = 1.0, constant_lr: bool = False,
                     on_step: Callable[[int, dict], None] | None = None,
-                    checkpoint: Path | None = None, checkpoint_every: int = 0) -> list[float]:
+                    checkpoint: Path | None = None, checkpoint_every: int = 0,
+                    group: Group = SINGLE, fsdp: bool = False) -> list[float]:
     """AdamW with linear warm-up and cosine decay (or a constant rate) over `steps` batches drawn
     (seeded) from `sequences`.
 
@@ -33,7 +35,11 @@ def train_causal_lm(model, sequences: torch.Tensor, *, steps: int, batch_size: i
     With `checkpoint`, the whole training state (weights, optimiser, schedule, data order, losses)
     is saved there every `checkpoint_every` steps, and a call that finds it continues from it: an
     interrupted run resumed this way ends with the same weights as an uninterrupted one.
-    Returns the loss of every step.
+
+    With several processes every rank draws the same batch and trains on its share of the rows;
+    gradients are averaged (DDP, or FSDP with `fsdp`: weights, gradients and optimiser state
+    sharded), which equals one process training on the whole batch. With FSDP `model` is sharded
+    in place: read its weights with `full_state_dict`. Returns the (global) loss of every step.
     """
     if steps == 0:
         return []
@@ -41,6 +47,7 @@ def train_causal_lm(model, sequences: torch.Tensor, *, steps: int, batch_size: i
         raise ValueError("distill > 0 needs a teacher model")
     device = next(model.parameters()).device
     gen = torch.Generator().manual_seed(seed)
+    trained = _parallel(model, group, fsdp)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr,
                                   weight_decay=weight_decay, betas=(0.9, 0.95))
     schedule = torch.optim.lr_scheduler.LambdaLR(
@@ -50,14 +57,14 @@ def train_causal_lm(model, sequences: torch.Tensor, *, steps: int, batch_size: i
     losses, start = [], 0
     if checkpoint is not None and Path(checkpoint).is_file():
         state = torch.load(checkpoint, weights_only=False)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
+        _load_training_state(model, optimizer, state, fsdp)
         schedule.load_state_dict(state["schedule"])
         gen.set_state(state["generator"])
         losses, start = state["losses"], state["step"]
     for step in range(start, steps):
-        batch = sequences[torch.randint(len(sequences), (batch_size,), generator=gen)].to(device)
-        logits = model(input_ids=batch).logits
+        rows = torch.randint(len(sequences), (batch_size,), generator=gen)
+        batch = sequences[group.shard(rows)].to(device)
+        logits = trained(input_ids=batch).logits
         loss = causal_lm_loss(logits, batch)
         parts = {"ce": loss.item()}
         if distill > 0:
@@ -71,16 +78,88 @@ def train_causal_lm(model, sequences: torch.Tensor, *, steps: int, batch_size: i
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         schedule.step()
-        losses.append(loss.item())
+        parts = _mean_over_ranks({"loss": loss.item(), **parts}, group)
+        losses.append(parts.pop("loss"))
         if checkpoint is not None and checkpoint_every and (step + 1) % checkpoint_every == 0 and step + 1 < steps:
-            with atomic_file(checkpoint) as tmp:
-                torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                            "schedule": schedule.state_dict(), "generator": gen.get_state(),
-                            "losses": losses, "step": step + 1}, tmp)
+            weights, optimizer_state = _training_state(model, optimizer, fsdp)
+            if group.is_main:
+                with atomic_file(checkpoint) as tmp:
+                    torch.save({"model": weights, "optimizer": optimizer_state, "schedule": schedule.state_dict(),
+                                "generator": gen.get_state(), "losses": losses, "step": step + 1}, tmp)
         if on_step is not None:
             on_step(step, {"loss": losses[-1], "lr": schedule.get_last_lr()[0], **parts})
     model.train(was_training)
     return losses
+
+
+def _parallel(model, group: Group, fsdp: bool):
+    """The module to call for training: the model itself, wrapped in DDP, or sharded in place (FSDP)."""
+    if group.world == 1:
+        return model
+    if fsdp:
+        from torch.distributed.fsdp import fully_shard
+        # Empty weights of removed modules stay unsharded (FSDP cannot gather a shard of nothing).
+        empty = {p for p in model.parameters() if p.numel() == 0}
+        for block in model.model.layers:
+            fully_shard(block, ignored_params=empty)
+        return fully_shard(model, ignored_params=empty)
+    from torch.nn.parallel import DistributedDataParallel
+    # A module pruned away entirely (level K) leaves parameters that never get a gradient.
+    removed_modules = any(p.numel() == 0 for p in model.parameters())
+    return DistributedDataParallel(model, device_ids=[group.device] if group.device.type == "cuda" else None,
+                                   find_unused_parameters=removed_modules)
+
+
+def _mean_over_ranks(values: dict[str, float], group: Group) -> dict[str, float]:
+    if group.world == 1:
+        return values
+    totals = group.all_reduce_sum_(torch.tensor(list(values.values()), dtype=torch.float64, device=group.device))
+    return {k: float(v) / group.world for k, v in zip(values, totals)}
+
+
+def _training_state(model, optimizer, fsdp: bool) -> tuple[dict, dict]:
+    """Full (unsharded) weights and optimiser state; with FSDP a collective call on every rank."""
+    if not fsdp:
+        return model.state_dict(), optimizer.state_dict()
+    return full_state_dict(model, fsdp), _unsharded(optimizer.state_dict())
+
+
+def _load_training_state(model, optimizer, state: dict, fsdp: bool) -> None:
+    if not fsdp:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        return
+    model.load_state_dict({name: _shard_like(state["model"][name], ref) for name, ref in model.state_dict().items()})
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    moments = state["optimizer"]["state"]
+    for index, values in moments.items():
+        param = params[int(index)]
+        moments[index] = {k: _shard_like(v, param) if v.shape == param.shape else v for k, v in values.items()}
+    optimizer.load_state_dict(state["optimizer"])
+
+
+def full_state_dict(model, fsdp: bool) -> dict:
+    """The trained weights as ordinary tensors (gathered from the shards with FSDP; every rank must call)."""
+    return _unsharded(model.state_dict()) if fsdp else model.state_dict()
+
+
+def _unsharded(obj):
+    """A (nested) state dict with every sharded tensor gathered whole onto the CPU."""
+    from torch.distributed.tensor import DTensor
+    if isinstance(obj, DTensor):
+        return obj.full_tensor().cpu()
+    if isinstance(obj, dict):
+        return {k: _unsharded(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_unsharded(v) for v in obj]
+    return obj
+
+
+def _shard_like(full: torch.Tensor, reference):
+    from torch.distributed.tensor import DTensor, distribute_tensor
+    if not isinstance(reference, DTensor):
+        return full
+    return distribute_tensor(full.to(reference.device, reference.dtype), reference.device_mesh, reference.placements)
 
 
 def _lr_factor(step: int, total: int, warmup: int) -> float:

@@ -14,7 +14,7 @@ from pipeline.resolve import describe_model
 from pipeline.stage import run_stage
 
 
-def main(params, say):
+def main(params, say, group):
     if not params.is_demo:
         resolved = describe_model(params.model)
         say(f"resolved {resolved['name_or_path']}: {resolved['parameters']:,} parameters")

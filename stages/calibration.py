@@ -8,7 +8,7 @@ from pipeline.outputs import DEMO_CORPUS, TOKENS, atomic_dir, write_json
 from pipeline.stage import model_source, run_stage
 
 
-def main(params, say):
+def main(params, say, group):
     tokenizer = AutoTokenizer.from_pretrained(model_source(params), revision=params.model.revision)
     p = params.data
     sets = {}

@@ -15,7 +15,7 @@ from pipeline.stage import load_tokens, model_source, run_stage
 UPSTREAM = ("base", "calibration", "database", "uniform", "search", "finetune@searched", "finetune@uniform")
 
 
-def main(params, say):
+def main(params, say, group):
     batch = params.evaluate.batch_size
     eval_tokens = load_tokens("eval")
     db = Database(DATABASE)

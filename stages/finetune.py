@@ -15,21 +15,32 @@ from pipeline.outputs import (DATABASE, FINETUNE_WORK, MODELS, PLOTS, TOKENS, at
                               read_json, write_text)
 from pipeline.plots import layer_structure, training_curve
 from pipeline.stage import load_tokens, model_source, run_stage
-from pipeline.train import train_causal_lm
+from pipeline.resources import gib, require_disk, training_bytes
+from pipeline.train import full_state_dict, train_causal_lm
 
 
-def main(name, params, say):
+def main(name, params, say, group):
     p = params.finetune
     levels = read_json(levels_path(name))
     db = Database(DATABASE)
     dense, tokenizer = load_dense(model_source(params), params.model.dtype, params.model.revision)
     db.check_model(dense)
+    dense.to(group.device)
     model = materialize(dense, db.structure, db.weights_for(levels))
     train_set = load_tokens("train")
     eval_set = load_tokens("eval")
-    oneshot_ppl = perplexity(model, eval_set, params.evaluate.batch_size)
+    oneshot_ppl = perplexity(model, eval_set, params.evaluate.batch_size) if group.is_main else None
+    fsdp = params.compute.fsdp and group.world > 1
     say(f"{name}: {count_params(dense):,} -> {count_params(model):,} parameters; training {p.steps} steps "
-        f"of {p.batch_size} x {train_set.shape[1]} tokens (distill {p.distill})")
+        f"of {p.batch_size} x {train_set.shape[1]} tokens (distill {p.distill})"
+        + (f" on {group.world} processes ({'FSDP' if fsdp else 'DDP'})" if group.world > 1 else ""))
+    trained = training_bytes(count_params(model), model.dtype.itemsize) // (group.world if fsdp else 1)
+    say(f"needs per process: training state {gib(trained)}"
+        + (f" + the dense teacher {gib(count_params(dense) * dense.dtype.itemsize)}" if p.distill > 0 else "")
+        + f" on {group.device.type}; disk: the model {gib(count_params(model) * model.dtype.itemsize)} "
+        f"and a checkpoint {gib(training_bytes(count_params(model), model.dtype.itemsize))}")
+    require_disk(FINETUNE_WORK, training_bytes(count_params(model), model.dtype.itemsize)
+                 + count_params(model) * model.dtype.itemsize, "finetune (checkpoint and model)")
 
     def on_step(step, values):
         tracking.log_metrics(values, step=step)
@@ -45,7 +56,14 @@ def main(name, params, say):
                              weight_decay=p.weight_decay, warmup_steps=p.warmup_steps, seed=p.seed,
                              teacher=dense if p.distill > 0 else None, distill=p.distill,
                              temperature=p.temperature, on_step=on_step, checkpoint=checkpoint,
-                             checkpoint_every=p.checkpoint_every)
+                             checkpoint_every=p.checkpoint_every, group=group, fsdp=fsdp)
+    if fsdp:  # the trained model is sharded: gather it into an ordinary one
+        weights = full_state_dict(model, fsdp)
+        model = materialize(dense, db.structure, db.weights_for(levels))
+        if group.is_main:
+            model.load_state_dict(weights)
+    if not group.is_main:
+        return {}
     model.eval()
     results = {"dense": perplexity(dense, eval_set, params.evaluate.batch_size),
                "one-shot (before training)": oneshot_ppl,
@@ -76,4 +94,5 @@ if __name__ == "__main__":
     args = argparse.ArgumentParser(description=__doc__)
     args.add_argument("name", choices=sorted(MODELS))
     name = args.parse_args().name
-    run_stage(f"finetune@{name}", ("finetune",), lambda params, say: main(name, params, say))
+    run_stage(f"finetune@{name}", ("finetune",), lambda params, say, group: main(name, params, say, group),
+              multiprocess=True)

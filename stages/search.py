@@ -8,22 +8,28 @@ from pipeline import tracking
 from pipeline.database import MANIFEST, Database
 from pipeline.evaluate import perplexity
 from pipeline.fitness import fitness, teacher_bytes, teacher_targets
-from pipeline.modeling import load_dense
+from pipeline.modeling import count_params, load_dense
 from pipeline.outputs import (DATABASE, SEARCH_CHECKPOINT, SEARCH_HISTORY, SEARCH_STRUCTURE, TOKENS, inputs_key,
                               levels_path, write_json, write_text)
 from pipeline.plots import layer_structure, search_curve
+from pipeline.resources import gib, training_bytes
 from pipeline.search import LevelSwapper, SearchState, evolve, prunable_params, uniform_levels
 from pipeline.stage import load_tokens, model_source, run_stage
 
 
-def main(params, say):
+def main(params, say, group):
     p = params.search
     db = Database(DATABASE)
     model, _ = load_dense(model_source(params), params.model.dtype, params.model.revision)
     db.check_model(model)
+    model.to(group.device)
     fitness_set, train_set, eval_set = load_tokens("fitness"), load_tokens("train"), load_tokens("eval")
     need = teacher_bytes(p.fitness, fitness_set.numel(), model.config.vocab_size, p.topk)
-    say(f"fitness {p.fitness}: dense targets for {fitness_set.numel():,} tokens take {need / 2**20:,.1f} MiB")
+    weights = count_params(model) * model.dtype.itemsize
+    say(f"needs per process: the dense model {gib(weights)} on {group.device.type}, dense targets ({p.fitness}) for "
+        f"{fitness_set.numel():,} tokens {gib(need)} in CPU memory"
+        + (f", a trained candidate at most {gib(training_bytes(count_params(model), model.dtype.itemsize))}"
+           if p.tas else ""))
     teacher = teacher_targets(model, fitness_set, p.batch_size, p.fitness, p.topk)
     start = uniform_levels(p.target, db.levels, db.structure.num_layers)
     dense = db.structure.dense_prunable_params
@@ -33,9 +39,11 @@ def main(params, say):
         f"budget: {p.budget}; training-aware selection: {'on' if p.tas else 'off'}")
     swapper = LevelSwapper(model, db)
     swapper.apply(start)
-    start_fitness = fitness(model, fitness_set, teacher, p.batch_size)
+    start_fitness = fitness(model, fitness_set, teacher, p.batch_size) if group.is_main else None
 
     def on_generation(record, parent):
+        if not group.is_main:
+            return
         metrics = {k: v for k, v in record.items() if k != "generation"}
         if p.eval_every and record["generation"] % p.eval_every == 0:
             swapper.apply(parent)
@@ -53,7 +61,9 @@ def main(params, say):
         say(f"this exact search already finished ({SEARCH_CHECKPOINT}): reusing its result")
     elif resumed:
         say(f"resuming the interrupted search after generation {resumed.generation} ({SEARCH_CHECKPOINT})")
-    state = evolve(swapper, start, p, fitness_set, teacher, train_set, on_generation, SEARCH_CHECKPOINT, key)
+    state = evolve(swapper, start, p, fitness_set, teacher, train_set, on_generation, SEARCH_CHECKPOINT, key, group)
+    if not group.is_main:
+        return {}
     final_fitness = fitness(model, fitness_set, teacher, p.batch_size)
     write_text(SEARCH_HISTORY, pd.DataFrame(state.history).to_csv(index=False))
     kept = prunable_params(db, state.parent)
@@ -84,4 +94,4 @@ def _structure_table(db, searched, uniform) -> pd.DataFrame:
 
 
 if __name__ == "__main__":
-    run_stage("search", ("search",), main)
+    run_stage("search", ("search",), main, multiprocess=True)

@@ -6,7 +6,7 @@ from pipeline.search import prunable_params, uniform_levels
 from pipeline.stage import run_stage
 
 
-def main(params, say):
+def main(params, say, group):
     db = Database(DATABASE)
     levels = uniform_levels(params.search.target, db.levels, db.structure.num_layers)
     kept = prunable_params(db, levels)

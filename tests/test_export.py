@@ -15,7 +15,7 @@ import torch
 
 from conftest import tiny_family
 from pipeline.config import SearchParams, SelectionStage
-from pipeline.database import Database, build_database, collect_hessians
+from pipeline.database import Database, build_database
 from pipeline.fitness import teacher_targets
 from pipeline.demo import train_tokenizer
 from pipeline.export import save_pruned
@@ -58,7 +58,7 @@ def tokenizer():
 def test_exported_folder_loads_without_this_project(family, tokenizer, tokens, tmp_path):
     model = tiny_family(family)
     structure = structure_of(model)
-    build_database(model, structure, collect_hessians(model, structure, tokens, 6), 4, 0.01, tmp_path / "db", {})
+    build_database(model, structure, tokens, 4, 0.01, tmp_path / "db", {}, batch_size=6)
     db = Database(tmp_path / "db")
     fitness_set = tokens[:4]
     state = evolve(LevelSwapper(copy.deepcopy(model), db), {ATTN: [2, 2], MLP: [2, 2]},

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import tiny_family
-from pipeline.database import Database, build_database, collect_hessians
+from pipeline.database import Database, build_database
 from pipeline.demo import train_tokenizer
 from pipeline.export import load_pruned, save_pruned
 from pipeline.lm_eval_tasks import run_lm_eval
@@ -51,7 +51,7 @@ def test_lm_eval_on_an_exported_folder_matches_direct_loglikelihoods(tmp_path, m
     model = tiny_family("llama", vocab=len(tokenizer))
     structure = structure_of(model)
     tokens = torch.randint(0, len(tokenizer), (8, 16), generator=torch.Generator().manual_seed(0))
-    build_database(model, structure, collect_hessians(model, structure, tokens, 4), 4, 0.01, tmp_path / "db", {})
+    build_database(model, structure, tokens, 4, 0.01, tmp_path / "db", {}, batch_size=4)
     pruned = materialize(model, structure, Database(tmp_path / "db").weights_for({"attn": [1, 2], "mlp": [2, 1]}))
     save_pruned(pruned, tokenizer, tmp_path / "model", "# card\n")
     gen = torch.Generator().manual_seed(1)

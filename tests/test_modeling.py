@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 
-from pipeline.database import Database, build_database, collect_hessians
+from pipeline.database import Database, build_database, module_file
 from conftest import masked_copy as _masked_copy
 from pipeline.modeling import ATTN, MLP, ModelStructureError, materialize, structure_of
 
@@ -12,8 +12,8 @@ from pipeline.modeling import ATTN, MLP, ModelStructureError, materialize, struc
 @pytest.fixture
 def database(tiny_model, tokens, tmp_path):
     structure = structure_of(tiny_model)
-    hessians = collect_hessians(tiny_model, structure, tokens, batch_size=5)
-    build_database(tiny_model, structure, hessians, levels=4, damp=0.01, out_dir=tmp_path / "db", identity={})
+    build_database(tiny_model, structure, tokens, levels=4, damp=0.01, out_dir=tmp_path / "db", identity={},
+                   batch_size=5)
     return Database(tmp_path / "db")
 
 
@@ -63,7 +63,7 @@ def test_every_family_prunes_to_a_shrunk_model_equal_to_the_masked_one(family, t
     from conftest import tiny_family
     model = tiny_family(family)
     structure = structure_of(model)
-    build_database(model, structure, collect_hessians(model, structure, tokens, 6), 4, 0.01, tmp_path, {})
+    build_database(model, structure, tokens, 4, 0.01, tmp_path, {}, batch_size=6)
     db = Database(tmp_path)
     dense_levels = {ATTN: [0, 0], MLP: [0, 0]}
     torch.testing.assert_close(materialize(model, structure, db.weights_for(dense_levels))(tokens).logits,
@@ -77,8 +77,8 @@ def test_every_family_prunes_to_a_shrunk_model_equal_to_the_masked_one(family, t
 
 def test_kv_group_units_remove_whole_groups_and_shrink_the_kv_cache(tiny_model, tokens, tmp_path):
     structure = structure_of(tiny_model)  # 4 query heads, 2 kv heads: groups of 2
-    hessians = collect_hessians(tiny_model, structure, tokens, 6)
-    build_database(tiny_model, structure, hessians, 2, 0.01, tmp_path, {}, attn_unit="kv_group", mlp_unit=4)
+    build_database(tiny_model, structure, tokens, 2, 0.01, tmp_path, {}, batch_size=6, attn_unit="kv_group",
+                   mlp_unit=4)
     db = Database(tmp_path)
     assert [db.kept_units(ATTN, k) for k in range(3)] == [4, 2, 0]
     assert [db.kept_units(MLP, k) for k in range(3)] == [24, 12, 0]
@@ -99,41 +99,75 @@ def test_corrupted_or_foreign_database_is_refused(tiny_model, tokens, tmp_path):
     from conftest import tiny_llama
     from pipeline.database import DatabaseError, model_fingerprint
     structure = structure_of(tiny_model)
-    build_database(tiny_model, structure, collect_hessians(tiny_model, structure, tokens, 6), 4, 0.01, tmp_path, {
-        "model": "tiny", "model_fingerprint": model_fingerprint(tiny_model)})
+    build_database(tiny_model, structure, tokens, 4, 0.01, tmp_path, {
+        "model": "tiny", "model_fingerprint": model_fingerprint(tiny_model)}, batch_size=6)
     db = Database(tmp_path)
     db.check_model(tiny_llama())  # the same weights rebuilt: accepted
     with pytest.raises(DatabaseError, match="built for another model"):
         db.check_model(tiny_llama(seed=1))
-    data = bytearray((tmp_path / "layer_001.safetensors").read_bytes())
+    data = bytearray((tmp_path / module_file(1, ATTN)).read_bytes())
     data[-5] ^= 0xFF
-    (tmp_path / "layer_001.safetensors").write_bytes(bytes(data))
+    (tmp_path / module_file(1, ATTN)).write_bytes(bytes(data))
     fresh = Database(tmp_path)
     fresh.level_weight(0, ATTN, 1)  # an intact layer still loads
-    with pytest.raises(DatabaseError, match=r"layer_001.safetensors' is corrupted \(checksum mismatch\)"):
+    with pytest.raises(DatabaseError, match=r"layer_001.attn.safetensors' is corrupted \(checksum mismatch\)"):
         fresh.level_weight(1, ATTN, 1)
 
 
 def test_interrupted_database_build_resumes_to_identical_files(tiny_model, tokens, tmp_path):
-    from pipeline.database import PROGRESS, file_sha256
+    from pipeline.database import file_sha256
     structure = structure_of(tiny_model)
-    hessians = collect_hessians(tiny_model, structure, tokens, 6)
-    reference = build_database(tiny_model, structure, hessians, 4, 0.01, tmp_path / "ref", {})
+    reference = build_database(tiny_model, structure, tokens, 4, 0.01, tmp_path / "ref", {}, batch_size=6)
 
     class Killed(Exception):
         pass
 
-    def die_in_layer_2(layer, module, losses):
-        if layer == 2:
+    def die_after_layer_2_attn(layer, module, losses):  # its file is written, layer 2's MLP is not
+        if (layer, module) == (2, ATTN):
             raise Killed
     with pytest.raises(Killed):
-        build_database(tiny_model, structure, hessians, 4, 0.01, tmp_path / "work", {}, on_module=die_in_layer_2)
-    assert sorted(json.loads((tmp_path / "work" / PROGRESS).read_text())) == ["0", "1"]
+        build_database(tiny_model, structure, tokens, 4, 0.01, tmp_path / "work", {}, batch_size=6,
+                       on_module=die_after_layer_2_attn)
     finished = []
-    resumed = build_database(tiny_model, structure, hessians, 4, 0.01, tmp_path / "work", {},
-                             on_module=lambda layer, module, losses: finished.append(layer))
-    assert finished == [2, 2]  # only the missing layer was computed
-    assert resumed == reference and not (tmp_path / "work" / PROGRESS).exists()
+    resumed = build_database(tiny_model, structure, tokens, 4, 0.01, tmp_path / "work", {}, batch_size=6,
+                             on_module=lambda layer, module, losses: finished.append((layer, module)))
+    assert finished == [(2, MLP)]  # only the missing module was computed
+    assert resumed == reference
     for i in range(3):
-        name = f"layer_{i:03d}.safetensors"
-        assert file_sha256(tmp_path / "work" / name) == file_sha256(tmp_path / "ref" / name)
+        for module in (ATTN, MLP):
+            name = module_file(i, module)
+            assert file_sha256(tmp_path / "work" / name) == file_sha256(tmp_path / "ref" / name)
+
+
+def _hessians_from_full_forward(model, tokens):
+    """Reference: hooks on every o_proj/down_proj during ordinary full-model forward passes."""
+    sums, hooks = {}, []
+    for i, layer in enumerate(model.model.layers):
+        for module, proj in ((ATTN, layer.self_attn.o_proj), (MLP, layer.mlp.down_proj)):
+            def hook(_m, inputs, _out, key=(i, module)):
+                x = inputs[0].reshape(-1, inputs[0].shape[-1]).double()
+                sums[key] = sums.get(key, 0) + x.T @ x
+            hooks.append(proj.register_forward_hook(hook))
+    with torch.no_grad():
+        for batch in torch.split(tokens, 5):
+            model(input_ids=batch)
+    for h in hooks:
+        h.remove()
+    return {key: h / tokens.numel() for key, h in sums.items()}
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen3"])
+@pytest.mark.parametrize("spill", [False, True])
+def test_block_by_block_hessians_equal_the_full_forward_ones(family, spill, tokens, tmp_path):
+    from conftest import tiny_family
+    from pipeline.blockwise import BlockRunner
+    from pipeline.database import block_hessians
+    from pipeline.distributed import SINGLE
+    model = tiny_family(family, layers=3)
+    reference = _hessians_from_full_forward(model, tokens)
+    runner = BlockRunner(model, tokens, 5, torch.device("cpu"), tmp_path / "states.bin" if spill else None)
+    for layer in range(3):
+        got = block_hessians(runner, SINGLE, torch.float64)
+        for module in (ATTN, MLP):
+            torch.testing.assert_close(got[module], reference[(layer, module)], rtol=1e-5, atol=1e-7)
+    assert (tmp_path / "states.bin").is_file() == spill

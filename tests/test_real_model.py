@@ -6,7 +6,7 @@ import torch
 from conftest import SHARED_DATA
 from pipeline.config import DataParams, ModelParams, SearchParams, SelectionStage
 from pipeline.data import eval_set, read_documents, split_train_sets, token_stream
-from pipeline.database import Database, build_database, collect_hessians
+from pipeline.database import Database, build_database
 from pipeline.evaluate import perplexity
 from pipeline.modeling import ATTN, MLP, load_dense, materialize, output_projection, structure_of
 from pipeline.resolve import describe_model
@@ -27,9 +27,8 @@ def built(tmp_path_factory):
     sets = split_train_sets(token_stream(read_documents(p.train), tokenizer), p)
     evals = eval_set(token_stream(read_documents(p.eval), tokenizer), p)
     structure = structure_of(model)
-    hessians = collect_hessians(model, structure, sets["calib"], batch_size=16)
     out = tmp_path_factory.mktemp("db")
-    build_database(model, structure, hessians, levels=8, damp=0.01, out_dir=out, identity={})
+    build_database(model, structure, sets["calib"], levels=8, damp=0.01, out_dir=out, identity={}, batch_size=16)
     return model, Database(out), sets, evals
 
 

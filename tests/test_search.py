@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from pipeline.config import SearchParams, SelectionStage
-from pipeline.database import Database, build_database, collect_hessians
+from pipeline.database import Database, build_database
 from pipeline.modeling import structure_of
 from pipeline.fitness import fitness, teacher_targets
 from pipeline.search import (LevelSwapper, SearchState, evolve, level_sum, mutate, offspring, params_table,
@@ -66,8 +66,8 @@ def test_offspring_of_a_tiny_space_stop_at_what_exists():
 @pytest.fixture
 def setup(tiny_model, tokens, tmp_path):
     structure = structure_of(tiny_model)
-    hessians = collect_hessians(tiny_model, structure, tokens, batch_size=6)
-    build_database(tiny_model, structure, hessians, levels=4, damp=0.01, out_dir=tmp_path / "db", identity={})
+    build_database(tiny_model, structure, tokens, levels=4, damp=0.01, out_dir=tmp_path / "db", identity={},
+                   batch_size=6)
     db = Database(tmp_path / "db")
     fitness_set = torch.randint(0, 64, (8, 16), generator=torch.Generator().manual_seed(5))
     teacher = teacher_targets(tiny_model, fitness_set, 4, "kl")

@@ -1,0 +1,105 @@
+"""Several processes working on one stage, launched by `torchrun` (torch.distributed: NCCL on
+GPUs, gloo on CPUs). One code path: a single process is a group of world size 1 whose collective
+operations are no-ops, so every stage runs the same code with or without torchrun.
+
+Ranks must see the same working directory (one node, or a shared file system across nodes):
+rank 0 writes the stage's outputs, and every rank reads the same inputs and checkpoints.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class Group:
+    rank: int = 0
+    world: int = 1
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def owns(self, index: int) -> bool:
+        """Round-robin ownership of the index-th piece of work."""
+        return index % self.world == self.rank
+
+    def shard(self, rows: torch.Tensor) -> torch.Tensor:
+        """This rank's rows of a tensor (every world-th row, starting at the rank)."""
+        return rows[self.rank::self.world]
+
+    def all_reduce_sum_(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.world > 1:
+            dist.all_reduce(tensor)
+        return tensor
+
+    def gather(self, obj) -> list:
+        """Every rank's `obj`, in rank order, on every rank."""
+        if self.world == 1:
+            return [obj]
+        out = [None] * self.world
+        dist.all_gather_object(out, obj)
+        return out
+
+    def broadcast(self, obj, src: int = 0):
+        if self.world == 1:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=src)
+        return box[0]
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            dist.barrier()
+
+
+SINGLE = Group()
+
+
+def pick_device(name: str, local_rank: int = 0) -> torch.device:
+    """`auto`: this rank's GPU when there is one, else the CPU."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError("compute.device is 'cuda' but torch sees no GPU: use 'auto' or 'cpu'")
+        return torch.device("cuda", local_rank % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
+def init(device_name: str = "auto") -> Group:
+    """The process group this process belongs to: joins torchrun's group when launched by torchrun
+    (WORLD_SIZE > 1), else a single-process group."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = pick_device(device_name, local_rank)
+    if world == 1:
+        return Group(device=device)
+    if not dist.is_initialized():
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", device_id=device
+                                if device.type == "cuda" else None)
+    return Group(dist.get_rank(), dist.get_world_size(), device)
+
+
+def close() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def launched_by_torchrun() -> bool:
+    return "TORCHELASTIC_RUN_ID" in os.environ or "LOCAL_RANK" in os.environ
+
+
+def relaunch_with_torchrun(module: str, nproc: int, argv: list[str]) -> None:
+    """Replace this process by `torchrun --standalone --nproc-per-node nproc -m module argv`
+    (one node; for several nodes run torchrun yourself with --nnodes and a rendezvous endpoint)."""
+    torchrun = shutil.which("torchrun") or os.path.join(os.path.dirname(sys.executable), "torchrun")
+    os.execv(torchrun, [torchrun, "--standalone", f"--nproc-per-node={nproc}", "-m", module, *argv])

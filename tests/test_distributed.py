@@ -1,0 +1,69 @@
+"""Two gloo processes (torchrun on the CPU) give what one process gives: the same database, the
+same search result, and the same trained weights (DDP and FSDP) up to float round-off."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from distributed_worker import build, search, train
+from pipeline.database import MANIFEST, Database
+from pipeline.distributed import SINGLE
+
+WORKER = Path(__file__).with_name("distributed_worker.py")
+
+
+def torchrun(task: str, out: Path, nproc: int = 2) -> None:
+    torchrun = Path(sys.executable).with_name("torchrun")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([str(torchrun), "--standalone", f"--nproc-per-node={nproc}", str(WORKER), task, str(out)],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+
+@pytest.fixture(scope="module")
+def single_db(tmp_path_factory):
+    out = tmp_path_factory.mktemp("single")
+    build(out / "db", SINGLE)
+    return out
+
+
+def test_two_processes_build_the_same_database(single_db, tmp_path):
+    torchrun("database", tmp_path)
+    one, two = Database(single_db / "db"), Database(tmp_path / "db")
+    assert json.loads((tmp_path / "db" / MANIFEST).read_text())["kept_units"] == one.manifest["kept_units"]
+    for layer in range(3):
+        for module in ("attn", "mlp"):
+            for level in range(5):
+                units_1, weight_1 = one.level_weight(layer, module, level)
+                units_2, weight_2 = two.level_weight(layer, module, level)
+                assert torch.equal(units_1, units_2), (layer, module, level)
+                torch.testing.assert_close(weight_2, weight_1, rtol=1e-5, atol=1e-6)
+    for module in ("attn", "mlp"):
+        for got, want in zip(two.manifest["obs_loss"][module], one.manifest["obs_loss"][module]):
+            assert got == pytest.approx(want, rel=1e-6)
+
+
+def test_two_processes_find_the_same_levels(single_db, tmp_path):
+    reference = search(single_db / "db", SINGLE)
+    (tmp_path / "db").symlink_to(single_db / "db")
+    torchrun("search", tmp_path)
+    for rank in range(2):
+        got = json.loads((tmp_path / f"search.rank{rank}.json").read_text())
+        assert got["levels"] == reference["levels"]
+        assert got["fitness"] == pytest.approx(reference["fitness"], rel=1e-9)
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_two_processes_train_the_same_weights(single_db, tmp_path, mode):
+    losses, weights = train(single_db / "db", SINGLE, fsdp=False)
+    (tmp_path / "db").symlink_to(single_db / "db")
+    torchrun(mode, tmp_path)
+    got = torch.load(tmp_path / f"{mode}.pt")
+    assert got["losses"] == pytest.approx(losses, rel=1e-5)
+    assert got["weights"].keys() == weights.keys()
+    for name, tensor in weights.items():
+        torch.testing.assert_close(got["weights"][name], tensor, rtol=1e-4, atol=1e-5, msg=name)
