@@ -21,6 +21,7 @@ def main(params, say, group):
     db = Database(DATABASE)
     dense, _ = load_dense(model_source(params), params.model.dtype, params.model.revision)
     db.check_model(dense)
+    dense.to(group.device)
     ppl = {"dense": perplexity(dense, eval_tokens, batch)}
     say(f"dense perplexity {ppl['dense']:.3f} on {eval_tokens.numel():,} eval tokens")
     sizes = {"dense": count_params(dense)}
@@ -29,7 +30,7 @@ def main(params, say, group):
         levels = read_json(levels_path(name))
         oneshot = materialize(dense, db.structure, db.weights_for(levels))
         ppl[f"{name}_oneshot"] = perplexity(oneshot, eval_tokens, batch)
-        finetuned = finetuned_models[name] = load_pruned(MODELS[name])
+        finetuned = finetuned_models[name] = load_pruned(MODELS[name]).to(group.device)
         ppl[f"{name}_finetuned"] = perplexity(finetuned, eval_tokens, batch)
         sizes[name] = count_params(finetuned)
         structures[name] = {"heads": [len(h) for h in finetuned.config.layer_q_heads],

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from safetensors.torch import load_file
 
 from conftest import ROOT
 
@@ -163,7 +164,7 @@ def test_bad_params_stop_before_any_stage_and_keep_earlier_outputs(repo):
 
 KILLS = [  # stage, params that make it long enough to kill, the progress line to kill at, its result, resume message
     ("database", {"database": {"levels": 6}}, "layer 2/2 attn", "database/manifest.json",
-     "resuming the interrupted database build (1 layers done)"),
+     "resuming the interrupted database build (3 of 4 modules done)"),
     ("search", {"search": {"generations": 8}}, "generation 4/8", "levels/searched.json",
      "resuming the interrupted search after generation"),
     ("finetune@searched", {"finetune": {"steps": 40, "checkpoint_every": 5}}, "step 26/40",
@@ -199,6 +200,27 @@ def test_killed_stage_resumes_under_dvc_repro_to_the_uninterrupted_result(repo, 
     finally:
         (repo / "params.yaml").write_text(original)
         _run(repo, "dvc", "repro")
+
+
+def test_two_processes_run_the_whole_pipeline_to_the_same_result(repo):
+    """compute.nproc: 2 relaunches database, search and finetune under torchrun (2 gloo processes)."""
+    original = (repo / "params.yaml").read_text()
+    one = {f: (repo / f).read_text() for f in ("levels/searched.json", "levels/uniform.json", "database/manifest.json")}
+    one_model = load_file(repo / "models/pruned/model.safetensors")
+    try:
+        _edit_params(repo, "compute", nproc=2)
+        assert _stale(repo) == set()  # how many processes is not a dependency: nothing to re-run
+        log = _run(repo, "dvc", "repro", "--force").stdout
+        assert "2 processes on cpu" in log
+        assert (repo / "levels/searched.json").read_text() == one["levels/searched.json"]
+        assert (repo / "levels/uniform.json").read_text() == one["levels/uniform.json"]
+        two_manifest = json.loads((repo / "database/manifest.json").read_text())
+        assert two_manifest["kept_units"] == json.loads(one["database/manifest.json"])["kept_units"]
+        two_model = load_file(repo / "models/pruned/model.safetensors")
+        for name, tensor in one_model.items():
+            torch.testing.assert_close(two_model[name], tensor, rtol=1e-4, atol=1e-5, msg=name)
+    finally:
+        (repo / "params.yaml").write_text(original)
 
 
 def test_dvc_experiment_runs_and_shows_beside_the_baseline(repo):
