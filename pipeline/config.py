@@ -74,11 +74,12 @@ class DemoParams:
 
 @dataclass(frozen=True)
 class DatasetSpec:
-    """A Hugging Face dataset: `datasets.load_dataset(path, name, split=split)[text_field]`."""
+    """A Hugging Face dataset: `datasets.load_dataset(path, name, split=split, data_files=data_files)[text_field]`."""
     path: str
     name: str | None = None
     split: str = "train"
     text_field: str = "text"
+    data_files: str | list[str] | None = None  # only these files of the dataset (e.g. one parquet shard)
     max_documents: int | None = None  # read at most this many documents (streaming-friendly cap)
 
     def check(self, key: str) -> None:

@@ -36,7 +36,7 @@ def read_documents(source: TextSource, demo_dir: Path | None = None, split: str 
 def _dataset_documents(spec: DatasetSpec) -> list[str]:
     import datasets
 
-    dataset = datasets.load_dataset(spec.path, spec.name, split=spec.split)
+    dataset = datasets.load_dataset(spec.path, spec.name, split=spec.split, data_files=spec.data_files)
     if spec.text_field not in dataset.column_names:
         raise CorpusError(f"dataset '{spec.path}' has no field '{spec.text_field}' "
                           f"(fields: {', '.join(dataset.column_names)}); set text_field")
