@@ -10,6 +10,7 @@ from pipeline.outputs import DATABASE, MODELS, levels_path, metrics_path, read_j
 from pipeline.lm_eval_tasks import run_lm_eval
 from pipeline.plots import layer_structure
 from pipeline.speed import measure_speed
+from pipeline.resources import gib
 from pipeline.stage import load_tokens, model_source, run_stage
 
 UPSTREAM = ("base", "calibration", "database", "uniform", "search", "finetune@searched", "finetune@uniform")
@@ -22,6 +23,8 @@ def main(params, say, group):
     dense, _ = load_dense(model_source(params), params.model.dtype, params.model.revision)
     db.check_model(dense)
     dense.to(group.device)
+    say(f"needs: the dense model {gib(count_params(dense) * dense.dtype.itemsize)} and two pruned models at most "
+        f"as large on {group.device.type}; nothing large on disk")
     ppl = {"dense": perplexity(dense, eval_tokens, batch)}
     say(f"dense perplexity {ppl['dense']:.3f} on {eval_tokens.numel():,} eval tokens")
     sizes = {"dense": count_params(dense)}
