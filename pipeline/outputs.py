@@ -24,6 +24,7 @@ SEARCH_STRUCTURE = Path("search/structure.csv")
 SEARCH_CHECKPOINT = Path(".darwinlm/search_checkpoint.json")
 DATABASE_WORK = Path(".darwinlm/database")
 FINETUNE_WORK = Path(".darwinlm/finetune")
+BASE_WORK = Path(".darwinlm/base")
 MODELS = {"searched": Path("models/pruned"), "uniform": Path("models/uniform")}
 METRICS = Path("metrics")
 PLOTS = Path("plots")
