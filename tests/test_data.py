@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import byte_level_tokenizer
-from pipeline.config import ConfigError, DataParams
+from pipeline.config import ConfigError, DataParams, DatasetSpec
 from pipeline.data import (_PIECE_CHARS, _PIECE_LINES, CorpusError, check_corpus_budgets, check_enough_tokens,
                            count_tokens, eval_set, read_documents, split_train_sets, token_stream)
 
@@ -154,3 +154,15 @@ def test_a_tokenizer_without_eos_is_refused_and_bos_is_optional():
     assert stream.count(eos) == 2 and stream[-1] == eos
     assert no_bos.decode(stream[:stream.index(eos)]) == "hello"
     assert no_bos.decode(stream[stream.index(eos) + 1:-1]) == "world"
+
+
+def test_dataset_rows_without_text_are_skipped_and_non_text_fields_refused(tmp_path, monkeypatch):
+    import datasets
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "cache")  # keep the user's cache clean
+    folder = tmp_path / "dataset"
+    folder.mkdir()
+    (folder / "train.jsonl").write_text('{"text": "first", "n": 1}\n{"text": null, "n": 2}\n{"text": "second", "n": 3}\n')
+    assert read_documents(DatasetSpec(path=str(folder))) == ["first", "second"]
+    assert read_documents(DatasetSpec(path=str(folder), max_documents=1)) == ["first"]
+    with pytest.raises(CorpusError, match=rf"^dataset '{folder}' field 'n' holds int values, not text"):
+        read_documents(DatasetSpec(path=str(folder), text_field="n"))
