@@ -115,13 +115,19 @@ def demo_model_config(p: DemoParams, tokenizer) -> LlamaConfig:
 
 
 def pretrain_demo(p: DemoParams, train_sequences: torch.LongTensor, tokenizer,
-                  on_step: Callable[[int, dict], None] | None = None) -> tuple[LlamaForCausalLM, list[float]]:
-    """Build the demo model from seed `p.seed` and pretrain it; returns (model in eval mode, step losses)."""
+                  on_step: Callable[[int, dict], None] | None = None, checkpoint: Path | None = None,
+                  checkpoint_every: int = 0) -> tuple[LlamaForCausalLM, list[float]]:
+    """Build the demo model from seed `p.seed` and pretrain it; returns (model in eval mode, step losses).
+
+    With `checkpoint`, the training state is saved there every `checkpoint_every` steps and a call
+    that finds it continues from it, ending with the weights an uninterrupted call would give
+    (`train.train_causal_lm`); the caller owns the file and removes it when done."""
     if train_sequences.dim() != 2 or train_sequences.shape[1] > p.seq_len:
         raise ValueError(f"train_sequences must be (n, length) with length <= demo.seq_len ({p.seq_len}), "
                          f"got shape {tuple(train_sequences.shape)}")
     torch.manual_seed(p.seed)
     model = LlamaForCausalLM(demo_model_config(p, tokenizer))
     losses = train_causal_lm(model, train_sequences, steps=p.steps, batch_size=p.batch_size, lr=p.lr,
-                             warmup_steps=min(50, p.steps // 10), seed=p.seed, on_step=on_step)
+                             warmup_steps=min(50, p.steps // 10), seed=p.seed, on_step=on_step,
+                             checkpoint=checkpoint, checkpoint_every=checkpoint_every)
     return model.eval(), losses

@@ -24,6 +24,7 @@ SEARCH_STRUCTURE = Path("search/structure.csv")
 SEARCH_CHECKPOINT = Path(".darwinlm/search_checkpoint.json")
 DATABASE_WORK = Path(".darwinlm/database")
 FINETUNE_WORK = Path(".darwinlm/finetune")
+BASE_WORK = Path(".darwinlm/base")
 MODELS = {"searched": Path("models/pruned"), "uniform": Path("models/uniform")}
 METRICS = Path("metrics")
 PLOTS = Path("plots")
@@ -39,9 +40,13 @@ def levels_path(name: str) -> Path:
 
 @contextlib.contextmanager
 def atomic_dir(path: Path):
-    """Yield an empty temporary folder; on success it replaces `path` in one rename."""
+    """Yield an empty temporary folder; on success it replaces `path` in one rename. On an exception
+    (an interrupted stage included) the temporary folder is removed; temporary folders of earlier
+    writers of `path` that were killed outright (SIGKILL) are removed on the next call."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    for leftover in leftover_temporaries(path):
+        shutil.rmtree(leftover, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     tmp.chmod(0o755)  # mkdtemp makes it private; the output is an ordinary folder
     try:
@@ -52,6 +57,12 @@ def atomic_dir(path: Path):
     move_dir_into_place(tmp, path)
 
 
+def leftover_temporaries(path: Path) -> list[Path]:
+    """What `atomic_dir(path)` / `move_dir_into_place` leave beside `path` when killed mid-way."""
+    path = Path(path)
+    return sorted(p for p in path.parent.glob(f".{path.name}.*") if p.is_dir())
+
+
 def move_dir_into_place(source: Path, path: Path) -> None:
     """Rename a finished folder onto `path` (same file system), replacing what was there."""
     path = Path(path)
@@ -59,18 +70,24 @@ def move_dir_into_place(source: Path, path: Path) -> None:
         old = path.with_name(f".{path.name}.old")
         shutil.rmtree(old, ignore_errors=True)
         os.replace(path, old)
+        os.replace(source, path)  # right after the first rename: `path` is missing for the shortest time
         shutil.rmtree(old, ignore_errors=True)
-    os.replace(source, path)
+    else:
+        os.replace(source, path)
 
 
 @contextlib.contextmanager
 def atomic_file(path: Path):
     """Yield a temporary path beside `path`; on success it replaces `path` in one rename, so a kill
-    mid-write leaves the previous file."""
+    mid-write leaves the previous file (and an interruption leaves no temporary file either)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    yield tmp
+    try:
+        yield tmp
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     os.replace(tmp, path)
 
 

@@ -5,9 +5,10 @@ import hashlib
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from pipeline.config import ConfigError, ModelParams
+from pipeline.config import ConfigError, ModelParams, Params
+from pipeline.data import check_corpus_budgets, require_eos
 from pipeline.modeling import count_params, structure_of
 
 
@@ -38,6 +39,26 @@ def check_params_against_model(params, num_layers: int, context: int | None) -> 
     if round(target * levels * num_layers) == 0:
         raise ConfigError(f"search.target {target} with database.levels {levels} over {num_layers} layers rounds "
                           "to no level removed at all: raise search.target or database.levels")
+
+
+def check_real_model(params: Params) -> dict[str, int]:
+    """What the validate stage checks for a real model before any stage runs: the model resolves and
+    fits the params, its tokenizer can separate documents, and data.train / data.eval cover the
+    token budgets (counted exactly as the calibration stage will tokenize them). Returns the tokens
+    counted per source."""
+    info = describe_model(params.model)
+    check_params_against_model(params, info["structure"]["num_layers"], info["context"])
+    tokenizer = load_tokenizer(params.model)
+    require_eos(tokenizer)
+    return check_corpus_budgets(params.data, tokenizer)
+
+
+def load_tokenizer(p: ModelParams):
+    """The model's tokenizer, loaded as the later stages load it (`modeling.load_dense`)."""
+    try:
+        return AutoTokenizer.from_pretrained(p.name_or_path, revision=p.revision)
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"model.name_or_path '{p.name_or_path}': its tokenizer cannot be loaded: {err}") from None
 
 
 def folder_hash(folder: Path) -> str:

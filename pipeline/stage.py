@@ -1,8 +1,10 @@
 """What every stage script shares: validated params, an MLflow run, progress lines, the metrics
-JSON (with the run id), and user errors reported as one clear line instead of a traceback."""
+JSON (with the run id), and user errors and interruptions reported as one clear line instead of a
+traceback."""
 from __future__ import annotations
 
 import dataclasses
+import signal
 import sys
 import time
 from collections.abc import Callable
@@ -37,6 +39,7 @@ def run_stage(name: str, sections: tuple[str, ...], body: Body, close_pipeline: 
 
     A `multiprocess` stage relaunches itself under torchrun when compute.nproc > 1; every rank runs
     `body`, and only rank 0 talks (progress lines, MLflow, the metrics file)."""
+    stop_cleanly_on_signals()
     try:
         params = load_params(PARAMS_FILE)
     except ConfigError as err:
@@ -67,9 +70,36 @@ def run_stage(name: str, sections: tuple[str, ...], body: Body, close_pipeline: 
     except USER_ERRORS as err:
         where = "" if group.is_main else f" (rank {group.rank})"
         sys.exit(f"error in stage {name}{where}: {err}")
+    except StageInterrupted as interrupted:
+        print(f"interrupted by {interrupted.signal_name}: rerun `dvc repro` to resume", file=sys.stderr, flush=True)
+        sys.exit(128 + interrupted.signum)  # the shell's convention for "ended by signal N"
     finally:
         distributed.close()
     say(f"done in {metrics['seconds']:.1f}s")
+
+
+class StageInterrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM arrived. A KeyboardInterrupt, so it passes `except Exception` and the MLflow
+    run ends as KILLED, while every `finally` and context manager on the way out still runs."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+        self.signal_name = signal.Signals(signum).name
+
+
+def stop_cleanly_on_signals() -> None:
+    """Turn SIGINT and SIGTERM into StageInterrupted. Python's default SIGTERM ends the process on
+    the spot, skipping `finally` blocks and context managers: temporary folders and half-written
+    temporary files would stay behind and the MLflow run would look still running. Later signals are
+    ignored so that the (short) clean-up itself is not cut off; SIGKILL still ends it at once."""
+    def interrupt(signum, frame):
+        for s in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(s, signal.SIG_IGN)
+        raise StageInterrupted(signum)
+
+    for s in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(s, interrupt)
 
 
 def section_dicts(params: Params, sections: tuple[str, ...]) -> dict:

@@ -1,5 +1,6 @@
 """Stage base: the dense model. Demo: pretrain the embedded default. Real model: record what
 `model.name_or_path` resolves to (no weights are copied)."""
+import dataclasses
 import json
 
 import torch
@@ -8,10 +9,14 @@ from pipeline import tracking
 from pipeline.data import token_stream, windows
 from pipeline.demo import pretrain_demo, stdlib_corpus, train_tokenizer
 from pipeline.modeling import count_params
-from pipeline.outputs import BASE, BASE_MODEL, DEMO_CORPUS, RESOLVED, atomic_dir, write_json
+from pipeline.outputs import BASE, BASE_MODEL, BASE_WORK, DEMO_CORPUS, RESOLVED, atomic_dir, inputs_key, write_json
 from pipeline.plots import training_curve
 from pipeline.resolve import describe_model
 from pipeline.stage import run_stage
+
+# Steps between pretraining checkpoints: a kill loses at most this many (about 6 s of the default
+# demo's 600 steps), and saving the ~1M-parameter model with its optimiser state costs milliseconds.
+PRETRAIN_CHECKPOINT_EVERY = 50
 
 
 def main(params, say, group):
@@ -35,7 +40,13 @@ def main(params, say, group):
         if step % 50 == 0 or step == p.steps - 1:
             say(f"pretrain step {step + 1}/{p.steps} loss {values['loss']:.3f}")
 
-    model, losses = pretrain_demo(p, sequences, tokenizer, on_step=on_step)
+    # A checkpoint belongs to one pretraining: these demo params and this stdlib corpus (the
+    # tokenizer and the sequences follow from the two).
+    checkpoint = BASE_WORK / f"pretrain-{inputs_key({'demo': dataclasses.asdict(p), 'corpus': corpus['sha256']})}.pt"
+    if checkpoint.is_file():
+        say(f"resuming the interrupted pretraining from {checkpoint}")
+    model, losses = pretrain_demo(p, sequences, tokenizer, on_step=on_step, checkpoint=checkpoint,
+                                  checkpoint_every=PRETRAIN_CHECKPOINT_EVERY)
     with atomic_dir(BASE) as tmp:
         model.save_pretrained(tmp / BASE_MODEL.name)
         tokenizer.save_pretrained(tmp / BASE_MODEL.name)
@@ -46,6 +57,7 @@ def main(params, say, group):
         resolved = {"kind": "demo", "name_or_path": str(BASE_MODEL), "parameters": count_params(model),
                     "corpus": corpus, "config": model.config.to_dict()}
         (tmp / RESOLVED.name).write_text(json.dumps(resolved, indent=2, default=str))
+    checkpoint.unlink(missing_ok=True)
     tracking.log_figure(training_curve(losses, "demo pretraining"), "pretrain_loss.png")
     return {"parameters": count_params(model), "final_loss": sum(losses[-20:]) / len(losses[-20:])}
 

@@ -131,3 +131,24 @@ def test_pretraining_is_reproducible_and_checks_sequence_length(corpus, tokenize
     assert first == second
     with pytest.raises(ValueError, match="seq_len"):
         pretrain_demo(p, torch.zeros(4, p.seq_len + 1, dtype=torch.long), tokenizer)
+
+
+def test_interrupted_pretraining_resumes_to_the_same_weights(corpus, tokenizer, tmp_path):
+    p = dataclasses.replace(TINY, steps=12)
+    sequences = _sequences(tokenizer, corpus[0][:5], p.seq_len)
+    reference, reference_losses = pretrain_demo(p, sequences, tokenizer)
+    checkpoint = tmp_path / "pretrain.pt"
+
+    def stop_at_step_8(step, values):
+        if step == 7:
+            raise KeyboardInterrupt  # as a Ctrl-C would, after the checkpoint of step 5
+    with pytest.raises(KeyboardInterrupt):
+        pretrain_demo(p, sequences, tokenizer, on_step=stop_at_step_8, checkpoint=checkpoint, checkpoint_every=5)
+    assert checkpoint.is_file() and torch.load(checkpoint, weights_only=False)["step"] == 5
+    resumed_steps = []
+    resumed, losses = pretrain_demo(p, sequences, tokenizer, on_step=lambda step, _: resumed_steps.append(step),
+                                    checkpoint=checkpoint, checkpoint_every=5)
+    assert resumed_steps == list(range(5, 12))  # continued, not restarted
+    assert losses == reference_losses
+    reference_state = reference.state_dict()
+    assert all(torch.equal(t, reference_state[name]) for name, t in resumed.state_dict().items())

@@ -163,18 +163,38 @@ def test_bad_params_stop_before_any_stage_and_keep_earlier_outputs(repo):
 
 
 KILLS = [  # stage, params that make it long enough to kill, the progress line to kill at, its result, resume message
-    ("database", {"database": {"levels": 6}}, "layer 2/2 attn", "database/manifest.json",
-     "resuming the interrupted database build (3 of 4 modules done)"),
+    ("database", {"database": {"levels": 6}}, "layer 1/2 mlp", "database/manifest.json",
+     "resuming the interrupted database build ("),
     ("search", {"search": {"generations": 8}}, "generation 4/8", "levels/searched.json",
      "resuming the interrupted search after generation"),
     ("finetune@searched", {"finetune": {"steps": 40, "checkpoint_every": 5}}, "step 26/40",
      "models/pruned/model.safetensors", "resuming the interrupted training"),
 ]
+# SIGKILL: a lost job, nothing runs on the way out. SIGINT: Ctrl-C, sent to the whole process group
+# as a terminal does. SIGTERM: what schedulers and `kill` send. The last two must exit cleanly.
+SIGNALS = {"database": ("SIGKILL",), "search": ("SIGKILL", "SIGINT", "SIGTERM"),
+           "finetune@searched": ("SIGKILL", "SIGINT", "SIGTERM")}
+KILL_CASES = [(*kill, sig) for kill in KILLS for sig in SIGNALS[kill[0]]]
+# What a repo of this pipeline holds that starts with a dot; anything else with a dot (outside git's
+# and DVC's own folders) is a temporary file or folder left behind by an interrupted writer.
+OWN_HIDDEN = {".git", ".dvc", ".gitignore", ".dvcignore", ".darwinlm"}
 
 
-@pytest.mark.parametrize("stage,edits,kill_at,result,message", KILLS, ids=[k[0] for k in KILLS])
-def test_killed_stage_resumes_under_dvc_repro_to_the_uninterrupted_result(repo, stage, edits, kill_at, result,
-                                                                           message):
+def _leftover_temporaries(repo):
+    hidden = [p for p in repo.rglob(".*") if p.relative_to(repo).parts[0] not in (".git", ".dvc")]
+    return sorted(str(p.relative_to(repo)) for p in hidden if str(p.relative_to(repo)) not in OWN_HIDDEN)
+
+
+def _stage_runs(repo, stage, status):
+    from mlflow import MlflowClient
+    client = MlflowClient(f"sqlite:///{repo}/mlflow.db")
+    return client.search_runs([client.get_experiment_by_name("e2e").experiment_id],
+                              f"tags.stage = '{stage}' and attributes.status = '{status}'")
+
+
+@pytest.mark.parametrize("stage,edits,kill_at,result,message,sig", KILL_CASES, ids=[f"{k[0]}-{k[-1]}" for k in KILL_CASES])
+def test_interrupted_stage_resumes_under_dvc_repro_to_the_uninterrupted_result(repo, stage, edits, kill_at, result,
+                                                                                message, sig):
     import signal
     original = (repo / "params.yaml").read_text()
     try:
@@ -182,21 +202,35 @@ def test_killed_stage_resumes_under_dvc_repro_to_the_uninterrupted_result(repo, 
             _edit_params(repo, section, **values)
         _run(repo, "dvc", "repro")
         reference = (repo / result).read_bytes()
+        killed_runs = len(_stage_runs(repo, stage, "KILLED"))
         shutil.rmtree(repo / ".darwinlm", ignore_errors=True)  # no finished work to reuse: really run it
         command = ["dvc", "repro", "--force", "--single-item", stage]
         process = subprocess.Popen(command, cwd=repo, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                    text=True, start_new_session=True)
-        seen = []
+        seen, after = [], []
         for line in process.stdout:
             seen.append(line)
             if kill_at in line:
-                os.killpg(process.pid, signal.SIGKILL)
+                os.killpg(process.pid, getattr(signal, sig))
                 break
+        if sig != "SIGKILL":
+            after = list(process.stdout)  # to the end: the stage has then finished cleaning up and exited
         process.wait()
         assert any(kill_at in line for line in seen), "".join(seen)[-2000:]
+        assert process.returncode != 0
+        # Nothing that DVC would take as the stage's complete output: DVC removed the old one before
+        # running the stage, and the stage writes its outputs only by renaming finished folders/files.
+        assert not (repo / result).exists()
+        assert stage in _stale(repo)
+        if sig != "SIGKILL":
+            assert f"interrupted by {sig}: rerun `dvc repro` to resume\n" in after, "".join(after)[-2000:]
+            assert not any("Traceback" in line for line in after), "".join(after)[-3000:]
+            assert _leftover_temporaries(repo) == []
+            assert len(_stage_runs(repo, stage, "KILLED")) == killed_runs + 1
         resumed = _run(repo, *command)  # the user runs the interrupted command again
         assert message in resumed.stdout, resumed.stdout[-2000:]
         assert (repo / result).read_bytes() == reference
+        assert _leftover_temporaries(repo) == []
     finally:
         (repo / "params.yaml").write_text(original)
         _run(repo, "dvc", "repro")
