@@ -1,13 +1,16 @@
 """What a real `model.name_or_path` resolves to, checked without loading its weights."""
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import shutil
+import sys
 from pathlib import Path
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from pipeline.config import ConfigError, ModelParams, Params
+from pipeline.config import ConfigError, DatasetSpec, ModelParams, Params, TextSource
 from pipeline.data import check_corpus_budgets, require_eos
 from pipeline.modeling import count_params, structure_of
 
@@ -70,3 +73,36 @@ def folder_hash(folder: Path) -> str:
             for block in iter(lambda: f.read(1 << 20), b""):
                 digest.update(block)
     return digest.hexdigest()
+
+
+def file_hash(path: Path) -> str:
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def corpus_fingerprint(source: TextSource) -> str | dict:
+    """What the calibration stage's token sets depend on besides params: the contents of text files
+    (so editing a corpus in place re-runs calibration), a dataset's spec, or the demo corpus (which
+    the base stage's output already covers)."""
+    if isinstance(source, DatasetSpec):
+        return dataclasses.asdict(source)
+    files = [source] if isinstance(source, str) else list(source)
+    if files == ["demo"]:
+        return "demo"
+    return {f: file_hash(Path(f)) for f in files}
+
+
+def check_compute(params: Params) -> None:
+    """Enough GPUs for compute.nproc, and torchrun to launch them."""
+    c = params.compute
+    on_gpu = c.device == "cuda" or (c.device == "auto" and torch.cuda.is_available())
+    if c.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("compute.device is 'cuda' but torch sees no GPU: use 'auto' or 'cpu'")
+    if on_gpu and c.nproc > torch.cuda.device_count():
+        raise ConfigError(f"compute.nproc is {c.nproc} but this machine has {torch.cuda.device_count()} GPUs: one "
+                          "process per GPU (or compute.device: cpu for CPU processes)")
+    if c.nproc > 1 and not (shutil.which("torchrun") or (Path(sys.executable).parent / "torchrun").exists()):
+        raise ConfigError(f"compute.nproc is {c.nproc} but torchrun is not installed (it comes with torch)")

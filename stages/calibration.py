@@ -5,6 +5,7 @@ from transformers import AutoTokenizer
 
 from pipeline.data import eval_set, read_documents, split_train_sets, token_stream
 from pipeline.outputs import DEMO_CORPUS, TOKENS, atomic_dir, write_json
+from pipeline.resources import gib, require_disk
 from pipeline.stage import model_source, run_stage
 
 
@@ -22,6 +23,9 @@ def main(params, say, group):
             sets.update(split_train_sets(stream, p))
         else:
             sets["eval"] = eval_set(stream, p)
+    need = sum(t.numel() * t.element_size() for t in sets.values())
+    say(f"token sets take {gib(need)} on disk")
+    require_disk(TOKENS.parent, need, "the token sets")
     with atomic_dir(TOKENS) as tmp:
         for name, tensor in sets.items():
             torch.save(tensor, tmp / f"{name}.pt")

@@ -79,3 +79,32 @@ def test_the_validate_stage_stops_with_one_line_and_writes_nothing(tmp_path, fol
     assert result.stderr.startswith("error in params.yaml: ") and expected in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr  # one line, no traceback
     assert not (tmp_path / "checks").exists()
+
+
+def test_corpus_fingerprint_follows_the_text_not_the_name(tmp_path):
+    from pipeline.config import DatasetSpec
+    from pipeline.resolve import corpus_fingerprint
+    text = tmp_path / "train.txt"
+    text.write_text("one document\n")
+    before = corpus_fingerprint(str(text))
+    assert corpus_fingerprint([str(text)]) == before
+    text.write_text("one document, edited in place\n")
+    assert corpus_fingerprint(str(text)) != before  # so calibration re-runs
+    assert corpus_fingerprint("demo") == "demo"
+    assert corpus_fingerprint(DatasetSpec(path="wikitext", data_files="a.parquet"))["data_files"] == "a.parquet"
+
+
+def test_compute_asks_for_no_more_gpus_than_there_are(monkeypatch):
+    import dataclasses
+    import torch
+    from pipeline.config import ComputeParams, Params
+    from pipeline.resolve import check_compute
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    check_compute(dataclasses.replace(Params(), compute=ComputeParams(nproc=2)))
+    with pytest.raises(ConfigError, match="compute.nproc is 4 but this machine has 2 GPUs"):
+        check_compute(dataclasses.replace(Params(), compute=ComputeParams(nproc=4)))
+    check_compute(dataclasses.replace(Params(), compute=ComputeParams(nproc=4, device="cpu")))  # gloo processes
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ConfigError, match="compute.device is 'cuda' but torch sees no GPU"):
+        check_compute(dataclasses.replace(Params(), compute=ComputeParams(device="cuda")))
