@@ -20,7 +20,7 @@ from pipeline.blockwise import BlockRunner
 from pipeline.distributed import SINGLE, Group
 from pipeline.modeling import MODULE_TYPES, Structure, output_projection
 from pipeline.obs import greedy_obs, prepare_hessian, removal_counts
-from pipeline.outputs import atomic_file, write_text
+from pipeline.outputs import atomic_file, file_sha256, write_text
 
 MANIFEST = "manifest.json"
 FORMAT = 2
@@ -28,14 +28,6 @@ FORMAT = 2
 
 class DatabaseError(ValueError):
     """A database that is corrupted on disk or was built for another model."""
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 @torch.no_grad()

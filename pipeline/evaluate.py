@@ -13,7 +13,7 @@ def perplexity(model, sequences: torch.Tensor, batch_size: int) -> float:
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
-    device = next(model.parameters()).device
+    device = next(model.parameters(), torch.empty(0)).device  # a parameterless module runs on the CPU
     for batch in torch.split(sequences, batch_size):
         batch = batch.to(device)
         logits = model(input_ids=batch).logits.float()

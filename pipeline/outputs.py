@@ -109,6 +109,14 @@ def inputs_key(values, files=()) -> str:
     return digest.hexdigest()[:16]
 
 
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def read_json(path: Path):
     path = Path(path)
     if not path.is_file():

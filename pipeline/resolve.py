@@ -13,6 +13,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from pipeline.config import ConfigError, DatasetSpec, ModelParams, Params, TextSource
 from pipeline.data import check_corpus_budgets, require_eos
 from pipeline.modeling import count_params, structure_of
+from pipeline.outputs import file_sha256
 
 
 def describe_model(p: ModelParams) -> dict:
@@ -75,14 +76,6 @@ def folder_hash(folder: Path) -> str:
     return digest.hexdigest()
 
 
-def file_hash(path: Path) -> str:
-    digest = hashlib.sha256()
-    with Path(path).open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def corpus_fingerprint(source: TextSource) -> str | dict:
     """What the calibration stage's token sets depend on besides params: the contents of text files
     (so editing a corpus in place re-runs calibration), a dataset's spec, or the demo corpus (which
@@ -92,7 +85,7 @@ def corpus_fingerprint(source: TextSource) -> str | dict:
     files = [source] if isinstance(source, str) else list(source)
     if files == ["demo"]:
         return "demo"
-    return {f: file_hash(Path(f)) for f in files}
+    return {f: file_sha256(Path(f)) for f in files}
 
 
 def check_compute(params: Params) -> None:

@@ -115,7 +115,7 @@ def test_corrupted_or_foreign_database_is_refused(tiny_model, tokens, tmp_path):
 
 
 def test_interrupted_database_build_resumes_to_identical_files(tiny_model, tokens, tmp_path):
-    from pipeline.database import file_sha256
+    from pipeline.outputs import file_sha256
     structure = structure_of(tiny_model)
     reference = build_database(tiny_model, structure, tokens, 4, 0.01, tmp_path / "ref", {}, batch_size=6)
 
