@@ -162,7 +162,7 @@ def fit_exponent(sizes: list[float], seconds: list[float]) -> float:
 
 def duration(seconds: float) -> str:
     if seconds < 120:
-        return f"{seconds:.2f} s"
+        return f"{seconds:.3g} s"
     if seconds < 2 * 3600:
         return f"{seconds / 60:.1f} min"
     return f"{seconds / 3600:.1f} h"
