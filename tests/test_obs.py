@@ -4,7 +4,41 @@ import itertools
 import pytest
 import torch
 
-from pipeline.obs import column_indices, greedy_obs, prepare_hessian, removal_counts
+from pipeline.obs import Snapshot, column_indices, greedy_obs, prepare_hessian, removal_counts
+
+
+def reference_greedy_obs(weight, hessian, unit_size, counts):
+    """The straightforward algorithm of DESIGN.md 2.2, as `greedy_obs` first implemented it: every removal
+    downdates the full-size Hinv and W, removed columns stay in place. `greedy_obs` must agree with it."""
+    g = unit_size
+    n_units = weight.shape[1] // g
+    w = weight.to(hessian.dtype).clone()
+    hinv = torch.cholesky_inverse(torch.linalg.cholesky(hessian))
+    alive = torch.ones(n_units, dtype=torch.bool)
+    removed, loss, snapshots = 0, 0.0, []
+    for target in counts:
+        while removed < target:
+            candidates = alive.nonzero().squeeze(1)
+            if g == 1:  # rho(u) = trace(W[:,u] (Hinv[u,u])^-1 W[:,u]^T)
+                rho = (w[:, candidates] ** 2).sum(0) / hinv.diagonal()[candidates]
+            else:
+                cand_cols = column_indices(candidates, g).view(-1, g)
+                w_units = w[:, cand_cols].permute(1, 2, 0)  # (n, g, out)
+                blocks = hinv[cand_cols[:, :, None], cand_cols[:, None, :]]  # (n, g, g)
+                rho = (w_units * torch.linalg.solve(blocks, w_units)).sum((1, 2))
+            best = int(rho.argmin())
+            unit = int(candidates[best])
+            cols = slice(unit * g, unit * g + g)
+            block_inv = torch.linalg.inv(hinv[cols, cols])
+            w -= w[:, cols] @ block_inv @ hinv[cols, :]
+            w[:, cols] = 0
+            hinv -= hinv[:, cols] @ block_inv @ hinv[cols, :]
+            alive[unit] = False
+            loss += float(rho[best])
+            removed += 1
+        kept = alive.nonzero().squeeze(1)
+        snapshots.append(Snapshot(kept.clone(), w[:, column_indices(kept, g)].to(weight.dtype).clone(), loss))
+    return snapshots
 
 
 def _problem(seed, out=6, units=5, g=3, n=200):
@@ -87,3 +121,47 @@ def test_bad_counts_are_refused():
         greedy_obs(w, x.T @ x, 1, [3, 1])
     with pytest.raises(ValueError, match="cannot remove"):
         greedy_obs(w, x.T @ x, 1, [0, 99])
+
+
+def _reference_problem(seed, out, units, g, dead_zero_units=()):
+    """Correlated inputs (so corrections matter and Hinv is far from diagonal); units listed in
+    `dead_zero_units` get dead inputs and zero weights, so their costs tie at exactly 0."""
+    gen = torch.Generator().manual_seed(seed)
+    d = units * g
+    mixing = torch.eye(d, dtype=torch.float64) + 0.3 * torch.randn(d, d, generator=gen, dtype=torch.float64)
+    x = torch.randn(4 * d, d, generator=gen, dtype=torch.float64) @ mixing
+    w = torch.randn(out, d, generator=gen, dtype=torch.float64)
+    for u in dead_zero_units:
+        x[:, u * g:(u + 1) * g] = 0
+        w[:, u * g:(u + 1) * g] = 0
+    return w, prepare_hessian(x.T @ x / x.shape[0], 0.01)
+
+
+@pytest.mark.parametrize("g, units, lazy_batch", [
+    (1, 100, 1),  # compaction every few removals, downdates applied at once
+    (1, 100, 3),  # flushes between snapshots and at them
+    (1, 100, 64),
+    (1, 300, 16),  # several compactions, each after a flush of a part-filled batch
+    (1, 7, 64),  # fewer units than one batch
+    (3, 40, 64),
+    (8, 12, 64),
+])
+def test_same_units_in_the_same_order_and_same_weights_as_the_reference(g, units, lazy_batch):
+    w, h = _reference_problem(5, out=9, units=units, g=g, dead_zero_units=(2, 5))
+    for counts in (list(range(units + 1)), removal_counts(units, 10)):  # every removal; the database's levels
+        ours = greedy_obs(w, h, g, counts, lazy_batch=lazy_batch)
+        ref = reference_greedy_obs(w, h, g, counts)
+        assert len(ours) == len(ref) == len(counts)
+        for mine, theirs in zip(ours, ref):
+            assert torch.equal(mine.kept_units, theirs.kept_units)
+            torch.testing.assert_close(mine.weight, theirs.weight, rtol=1e-9, atol=1e-10)
+            assert mine.loss == pytest.approx(theirs.loss, rel=1e-9, abs=1e-12)
+        assert ours[-1].weight.shape == (9, 0) and len(ours[-1].kept_units) == 0
+    # the dead zero-weight units cost exactly 0 and go first, lowest index first, as in the reference
+    assert greedy_obs(w, h, g, [1])[0].kept_units.tolist() == [u for u in range(units) if u != 2]
+
+
+def test_lazy_batch_must_be_positive():
+    w, h = _reference_problem(6, out=3, units=4, g=1)
+    with pytest.raises(ValueError, match="lazy_batch"):
+        greedy_obs(w, h, 1, [1], lazy_batch=0)
