@@ -149,6 +149,26 @@ def test_param_changes_rerun_only_the_stages_that_depend_on_them(repo):
         (repo / "params.yaml").write_text(original)
 
 
+def test_a_corpus_edited_in_place_reruns_calibration(repo):
+    import inspect
+    original = (repo / "params.yaml").read_text()
+    corpus = repo / "corpus.txt"
+    corpus.write_text(inspect.getsource(inspect))  # ~3000 lines of Python: enough for the tiny budgets
+    try:
+        _edit_params(repo, "data", train="corpus.txt")
+        _run(repo, "dvc", "repro", "calibration")
+        status = lambda: json.loads(_run(repo, "dvc", "status", "calibration", "--json").stdout or "{}")  # noqa: E731
+        assert status() == {}
+        with corpus.open("a") as f:
+            f.write("\n# one more line, same params\n")
+        _run(repo, "dvc", "repro", "validate")
+        assert "calibration" in status()  # checks/data.json changed with the text
+    finally:
+        (repo / "params.yaml").write_text(original)
+        corpus.unlink()
+        _run(repo, "dvc", "repro")
+
+
 def test_bad_params_stop_before_any_stage_and_keep_earlier_outputs(repo):
     original = (repo / "params.yaml").read_text()
     before = (repo / "models/pruned/model.safetensors").read_bytes()
