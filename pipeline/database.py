@@ -109,7 +109,9 @@ def build_database(model, structure: Structure, calib: torch.Tensor, levels: int
     out_dir.mkdir(parents=True, exist_ok=True)
     per_unit = {m: obs_unit_heads(structure, m, attn_unit, mlp_unit) for m in MODULE_TYPES}
     counts = {m: removal_counts(structure.units(m) // per_unit[m], levels) for m in MODULE_TYPES}
-    missing = lambda layer: [m for m in MODULE_TYPES if not (out_dir / module_file(layer, m)).is_file()]  # noqa: E731
+    def missing(layer: int) -> list[str]:
+        return [m for m in MODULE_TYPES if not (out_dir / module_file(layer, m)).is_file()]
+
     todo = [layer for layer in range(structure.num_layers) if missing(layer)]
     group.barrier()  # every rank has looked at the same finished files
     if todo:

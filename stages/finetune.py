@@ -57,13 +57,13 @@ def main(name, params, say, group):
                              teacher=dense if p.distill > 0 else None, distill=p.distill,
                              temperature=p.temperature, on_step=on_step, checkpoint=checkpoint,
                              checkpoint_every=p.checkpoint_every, group=group, fsdp=fsdp)
-    if fsdp:  # the trained model is sharded: gather it into an ordinary one
+    if fsdp:  # the trained model is sharded: every rank helps gather it, rank 0 keeps it
         weights = full_state_dict(model, fsdp)
-        model = materialize(dense, db.structure, db.weights_for(levels))
-        if group.is_main:
-            model.load_state_dict(weights)
     if not group.is_main:
         return {}
+    if fsdp:
+        model = materialize(dense, db.structure, db.weights_for(levels))
+        model.load_state_dict(weights)
     model.eval()
     results = {"dense": perplexity(dense, eval_set, params.evaluate.batch_size),
                "one-shot (before training)": oneshot_ppl,

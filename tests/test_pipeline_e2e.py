@@ -273,6 +273,11 @@ def test_two_processes_run_the_whole_pipeline_to_the_same_result(repo):
         two_model = load_file(repo / "models/pruned/model.safetensors")
         for name, tensor in one_model.items():
             torch.testing.assert_close(two_model[name], tensor, rtol=1e-4, atol=1e-5, msg=name)
+        _edit_params(repo, "compute", nproc=2, fsdp=True)  # sharded training gathers the same model
+        assert "(FSDP)" in _run(repo, "dvc", "repro", "--force", "--single-item", "finetune@searched").stdout
+        fsdp_model = load_file(repo / "models/pruned/model.safetensors")
+        for name, tensor in one_model.items():
+            torch.testing.assert_close(fsdp_model[name], tensor, rtol=1e-4, atol=1e-5, msg=name)
     finally:
         (repo / "params.yaml").write_text(original)
 
