@@ -45,12 +45,32 @@ def search(db_path: Path, group):
     return {"levels": state.parent, "fitness": [r["fitness"] for r in state.history]}
 
 
-def train(db_path: Path, group, fsdp: bool):
+def train(db_path: Path, group, fsdp: bool, checkpoint: Path | None = None, on_step=None):
     dense, db = tiny_llama(), Database(db_path)
     model = materialize(dense, db.structure, db.weights_for(TRAIN_LEVELS))
     losses = train_causal_lm(model, tokens(24, 4), steps=6, batch_size=4, lr=1e-2, warmup_steps=2, seed=5,
-                             teacher=dense, distill=0.5, group=group, fsdp=fsdp)
+                             teacher=dense, distill=0.5, group=group, fsdp=fsdp, checkpoint=checkpoint,
+                             checkpoint_every=2, on_step=on_step)
     return losses, full_state_dict(model, fsdp)
+
+
+class Interrupted(Exception):
+    pass
+
+
+def train_interrupted_then_resumed(db_path: Path, group, checkpoint: Path):
+    """Sharded training stopped after step 4 (checkpointed at 4), then a fresh model resumes it."""
+    def stop_after_step_4(step, _values):
+        if step == 3:
+            raise Interrupted
+    try:
+        train(db_path, group, True, checkpoint, stop_after_step_4)
+    except Interrupted:
+        pass
+    group.barrier()  # rank 0 has finished writing the checkpoint
+    steps_run = []
+    losses, weights = train(db_path, group, True, checkpoint, lambda step, _values: steps_run.append(step))
+    return losses, weights, steps_run
 
 
 if __name__ == "__main__":
@@ -61,6 +81,10 @@ if __name__ == "__main__":
     elif task == "search":
         result = search(path / "db", group)
         (path / f"search.rank{group.rank}.json").write_text(json.dumps(result))
+    elif task == "fsdp_resumed":
+        losses, weights, steps_run = train_interrupted_then_resumed(path / "db", group, path / "checkpoint.pt")
+        if group.is_main:
+            torch.save({"losses": losses, "weights": weights, "steps_run": steps_run}, path / f"{task}.pt")
     else:
         losses, weights = train(path / "db", group, fsdp=task == "fsdp")
         if group.is_main:

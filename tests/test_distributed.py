@@ -57,12 +57,14 @@ def test_two_processes_find_the_same_levels(single_db, tmp_path):
         assert got["fitness"] == pytest.approx(reference["fitness"], rel=1e-9)
 
 
-@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+@pytest.mark.parametrize("mode", ["ddp", "fsdp", "fsdp_resumed"])
 def test_two_processes_train_the_same_weights(single_db, tmp_path, mode):
     losses, weights = train(single_db / "db", SINGLE, fsdp=False)
     (tmp_path / "db").symlink_to(single_db / "db")
     torchrun(mode, tmp_path)
     got = torch.load(tmp_path / f"{mode}.pt")
+    if mode == "fsdp_resumed":
+        assert got["steps_run"] == [4, 5]  # the resumed call continued from the step-4 checkpoint
     assert got["losses"] == pytest.approx(losses, rel=1e-5)
     assert got["weights"].keys() == weights.keys()
     for name, tensor in weights.items():
