@@ -37,10 +37,6 @@ class BlockRunner:
                 self.states[start:start + len(hidden)] = hidden.to("cpu", self.states.dtype)
                 self._block_kwargs.setdefault(len(hidden), kwargs)
 
-    @property
-    def tokens(self) -> int:
-        return self.states.shape[0] * self.states.shape[1]
-
     @torch.no_grad()
     def _catch(self, batch: torch.Tensor):
         caught = {}

@@ -42,9 +42,10 @@ def model_fingerprint(model) -> str:
 
 
 @torch.no_grad()
-def block_hessians(runner: BlockRunner, group: Group, dtype: torch.dtype, keep_outputs: bool = True) -> dict:
+def block_hessians(runner: BlockRunner, group: Group, dtype: torch.dtype, total_tokens: int,
+                   keep_outputs: bool = True) -> dict:
     """Advance `runner` by one block and return H = X^T X / N for the inputs X of that block's
-    o_proj and down_proj, summed over every rank's calibration shard (N = all ranks' tokens)."""
+    o_proj and down_proj, summed over every rank's calibration shard (N = `total_tokens`, all ranks')."""
     layer = runner.next_block
     hessians, hooks = {}, []
 
@@ -63,8 +64,7 @@ def block_hessians(runner: BlockRunner, group: Group, dtype: torch.dtype, keep_o
     finally:
         for h in hooks:
             h.remove()
-    tokens = group.all_reduce_sum_(torch.tensor([float(runner.tokens)], dtype=torch.float64, device=group.device))
-    return {m: group.all_reduce_sum_(hessians[m].to(group.device)) / float(tokens) for m in MODULE_TYPES}
+    return {m: group.all_reduce_sum_(hessians[m].to(group.device)) / total_tokens for m in MODULE_TYPES}
 
 
 def module_owner(layer: int, module: str, world: int) -> int:
@@ -124,7 +124,7 @@ def build_database(model, structure: Structure, calib: torch.Tensor, levels: int
                 if layer not in todo:
                     runner.advance()
                     continue
-                hessians = block_hessians(runner, group, hessian_dtype, keep_outputs=layer != todo[-1])
+                hessians = block_hessians(runner, group, hessian_dtype, calib.numel(), keep_outputs=layer != todo[-1])
                 owned += [(layer, m, hessians[m]) for m in missing(layer)
                           if module_owner(layer, m, group.world) == group.rank]
                 del hessians

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from pipeline.config import ConfigError
+
 
 @dataclass(frozen=True)
 class Group:
@@ -68,7 +70,7 @@ def pick_device(name: str, local_rank: int = 0) -> torch.device:
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda":
         if not torch.cuda.is_available():
-            raise RuntimeError("compute.device is 'cuda' but torch sees no GPU: use 'auto' or 'cpu'")
+            raise ConfigError("compute.device is 'cuda' but torch sees no GPU: use 'auto' or 'cpu'")
         return torch.device("cuda", local_rank % torch.cuda.device_count())
     return torch.device("cpu")
 
@@ -98,8 +100,14 @@ def launched_by_torchrun() -> bool:
     return "TORCHELASTIC_RUN_ID" in os.environ or "LOCAL_RANK" in os.environ
 
 
+def torchrun_path() -> str | None:
+    """torchrun on PATH, or beside this Python (a venv not on PATH); None when it is missing."""
+    beside = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    return shutil.which("torchrun") or (beside if os.path.exists(beside) else None)
+
+
 def relaunch_with_torchrun(module: str, nproc: int, argv: list[str]) -> None:
     """Replace this process by `torchrun --standalone --nproc-per-node nproc -m module argv`
     (one node; for several nodes run torchrun yourself with --nnodes and a rendezvous endpoint)."""
-    torchrun = shutil.which("torchrun") or os.path.join(os.path.dirname(sys.executable), "torchrun")
+    torchrun = torchrun_path()
     os.execv(torchrun, [torchrun, "--standalone", f"--nproc-per-node={nproc}", "-m", module, *argv])

@@ -6,6 +6,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from pipeline.modeling import device_of
+
 
 @torch.no_grad()
 def perplexity(model, sequences: torch.Tensor, batch_size: int) -> float:
@@ -13,7 +15,7 @@ def perplexity(model, sequences: torch.Tensor, batch_size: int) -> float:
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
-    device = next(model.parameters(), torch.empty(0)).device  # a parameterless module runs on the CPU
+    device = device_of(model)
     for batch in torch.split(sequences, batch_size):
         batch = batch.to(device)
         logits = model(input_ids=batch).logits.float()

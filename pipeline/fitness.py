@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from pipeline.modeling import device_of
 from pipeline.train import kl_per_token
 
 
@@ -42,7 +43,7 @@ def teacher_targets(model, sequences: torch.Tensor, batch_size: int, kind: str, 
     if kind == "ppl":
         return Teacher(kind)
     parts, index = [], []
-    device = next(model.parameters(), torch.empty(0)).device  # a parameterless module runs on the CPU
+    device = device_of(model)
     for batch in torch.split(sequences, batch_size):  # targets are kept in CPU memory
         logprobs = F.log_softmax(model(input_ids=batch.to(device)).logits.float(), dim=-1).cpu()
         if kind == "topk_kl":
@@ -70,7 +71,7 @@ def fitness(model, sequences: torch.Tensor, teacher: Teacher, batch_size: int) -
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
-    device = next(model.parameters(), torch.empty(0)).device  # a parameterless module runs on the CPU
+    device = device_of(model)
     for start in range(0, len(sequences), batch_size):
         rows = torch.arange(start, min(len(sequences), start + batch_size))
         batch, target = sequences[rows].to(device), teacher.subset(rows).to(device)

@@ -94,6 +94,11 @@ def load_dense(path: str | Path, dtype: str = "float32", revision: str | None = 
     return model, tokenizer
 
 
+def device_of(model) -> torch.device:
+    """Where a model's weights are (a module without parameters runs on the CPU)."""
+    return next(model.parameters(), torch.empty(0)).device
+
+
 def output_projection(model, layer: int, module: str) -> nn.Linear:
     block = model.model.layers[layer]
     return block.self_attn.o_proj if module == ATTN else block.mlp.down_proj

@@ -3,8 +3,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import shutil
-import sys
 from pathlib import Path
 
 import torch
@@ -12,6 +10,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from pipeline.config import ConfigError, DatasetSpec, ModelParams, Params, TextSource
 from pipeline.data import check_corpus_budgets, require_eos
+from pipeline.distributed import pick_device, torchrun_path
 from pipeline.modeling import count_params, structure_of
 from pipeline.outputs import file_sha256
 
@@ -91,11 +90,8 @@ def corpus_fingerprint(source: TextSource) -> str | dict:
 def check_compute(params: Params) -> None:
     """Enough GPUs for compute.nproc, and torchrun to launch them."""
     c = params.compute
-    on_gpu = c.device == "cuda" or (c.device == "auto" and torch.cuda.is_available())
-    if c.device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("compute.device is 'cuda' but torch sees no GPU: use 'auto' or 'cpu'")
-    if on_gpu and c.nproc > torch.cuda.device_count():
+    if pick_device(c.device).type == "cuda" and c.nproc > torch.cuda.device_count():
         raise ConfigError(f"compute.nproc is {c.nproc} but this machine has {torch.cuda.device_count()} GPUs: one "
                           "process per GPU (or compute.device: cpu for CPU processes)")
-    if c.nproc > 1 and not (shutil.which("torchrun") or (Path(sys.executable).parent / "torchrun").exists()):
+    if c.nproc > 1 and torchrun_path() is None:
         raise ConfigError(f"compute.nproc is {c.nproc} but torchrun is not installed (it comes with torch)")

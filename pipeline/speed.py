@@ -7,6 +7,8 @@ import time
 
 import torch
 
+from pipeline.modeling import device_of
+
 
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
@@ -36,7 +38,7 @@ def measure_speed(model, *, batch_size: int = 1, prompt_len: int = 128, decode_t
     """prefill tokens/s over (batch_size x prompt_len), decode ms per generated token (one token per
     step, KV cache on), peak memory (CUDA: allocator peak; CPU: weights + KV cache at the end)."""
     model.eval()
-    device = next(model.parameters()).device
+    device = device_of(model)
     vocab = vocab_size or model.config.vocab_size
     gen = torch.Generator().manual_seed(0)
     prompt = torch.randint(0, vocab, (batch_size, prompt_len), generator=gen).to(device)

@@ -46,8 +46,7 @@ def run_stage(name: str, sections: tuple[str, ...], body: Body, close_pipeline: 
         sys.exit(f"error in {PARAMS_FILE}: {err}")
     if multiprocess and params.compute.nproc > 1 and not distributed.launched_by_torchrun():
         distributed.relaunch_with_torchrun(sys.modules["__main__"].__spec__.name, params.compute.nproc, sys.argv[1:])
-    group = distributed.init(params.compute.device) if multiprocess else \
-        distributed.Group(device=distributed.pick_device(params.compute.device))
+    group = distributed.init(params.compute.device)  # a single process unless torchrun started this one
     all_params = section_dicts(params, tuple(f.name for f in dataclasses.fields(params)))
 
     def say(message: str) -> None:

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.distributed import SINGLE, Group
+from pipeline.modeling import device_of
 from pipeline.outputs import atomic_file
 
 
@@ -45,7 +46,7 @@ def train_causal_lm(model, sequences: torch.Tensor, *, steps: int, batch_size: i
         return []
     if distill > 0 and teacher is None:
         raise ValueError("distill > 0 needs a teacher model")
-    device = next(model.parameters()).device
+    device = device_of(model)
     gen = torch.Generator().manual_seed(seed)
     trained = _parallel(model, group, fsdp)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr,

@@ -35,10 +35,10 @@ def main(params, say, group):
                 "calib_tokens": calib.numel(), "calib_sha256": hashlib.sha256(calib.numpy().tobytes()).hexdigest()}
     # Finished modules live outside DVC's output until the end, so a killed run resumes from them.
     work = DATABASE_WORK / inputs_key({**dataclasses.asdict(p), **identity}, (obs.__file__, database.__file__))
-    spill = _activations_file(params, calib, model, group, work, say)
-    if group.is_main and finished_modules(work):
-        say(f"resuming the interrupted database build ({finished_modules(work)} of {2 * structure.num_layers} "
-            "modules done)")
+    spill = _activations_file(params, calib, model, structure, group, work, say)
+    done = finished_modules(work)
+    if done:
+        say(f"resuming the interrupted database build ({done} of {2 * structure.num_layers} modules done)")
 
     def on_module(layer, module, losses):
         rank = f" (rank {group.rank})" if group.world > 1 else ""
@@ -58,10 +58,10 @@ def main(params, say, group):
     return {"levels": p.levels, "obs_loss_half_level": total}
 
 
-def _activations_file(params, calib, model, group, work, say):
+def _activations_file(params, calib, model, structure, group, work, say):
     """Print what the build needs; refuse when the disk cannot hold it. Returns the file that holds
     this rank's calibration activations, or None to hold them in memory."""
-    p, structure = params.database, structure_of(model)
+    p = params.database
     per_unit = {m: obs_unit_heads(structure, m, p.attn_unit, p.mlp_unit) for m in MODULE_TYPES}
     output = database_output_bytes(structure, p.levels, model.dtype.itemsize, per_unit)
     states = activation_bytes(len(group.shard(calib)), calib.shape[1], structure.hidden_size, model.dtype)

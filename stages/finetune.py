@@ -34,13 +34,12 @@ def main(name, params, say, group):
     say(f"{name}: {count_params(dense):,} -> {count_params(model):,} parameters; training {p.steps} steps "
         f"of {p.batch_size} x {train_set.shape[1]} tokens (distill {p.distill})"
         + (f" on {group.world} processes ({'FSDP' if fsdp else 'DDP'})" if group.world > 1 else ""))
-    trained = training_bytes(count_params(model), model.dtype.itemsize) // (group.world if fsdp else 1)
-    say(f"needs per process: training state {gib(trained)}"
+    model_bytes = count_params(model) * model.dtype.itemsize
+    checkpoint_bytes = training_bytes(count_params(model), model.dtype.itemsize)  # also the training state
+    say(f"needs per process: training state {gib(checkpoint_bytes // (group.world if fsdp else 1))}"
         + (f" + the dense teacher {gib(count_params(dense) * dense.dtype.itemsize)}" if p.distill > 0 else "")
-        + f" on {group.device.type}; disk: the model {gib(count_params(model) * model.dtype.itemsize)} "
-        f"and a checkpoint {gib(training_bytes(count_params(model), model.dtype.itemsize))}")
-    require_disk(FINETUNE_WORK, training_bytes(count_params(model), model.dtype.itemsize)
-                 + count_params(model) * model.dtype.itemsize, "finetune (checkpoint and model)")
+        + f" on {group.device.type}; disk: the model {gib(model_bytes)} and a checkpoint {gib(checkpoint_bytes)}")
+    require_disk(FINETUNE_WORK, checkpoint_bytes + model_bytes, "finetune (checkpoint and model)")
 
     def on_step(step, values):
         tracking.log_metrics(values, step=step)

@@ -167,7 +167,7 @@ def test_block_by_block_hessians_equal_the_full_forward_ones(family, spill, toke
     reference = _hessians_from_full_forward(model, tokens)
     runner = BlockRunner(model, tokens, 5, torch.device("cpu"), tmp_path / "states.bin" if spill else None)
     for layer in range(3):
-        got = block_hessians(runner, SINGLE, torch.float64)
+        got = block_hessians(runner, SINGLE, torch.float64, tokens.numel())
         for module in (ATTN, MLP):
             torch.testing.assert_close(got[module], reference[(layer, module)], rtol=1e-5, atol=1e-7)
     assert (tmp_path / "states.bin").is_file() == spill
