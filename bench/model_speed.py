@@ -22,9 +22,9 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from pipeline.modeling import count_params  # noqa: E402
+from pipeline.evaluate import measure_speed  # noqa: E402
+from pipeline.model.structure import count_params  # noqa: E402
 from pipeline.pruned_llama import PrunedLlamaConfig, PrunedLlamaForCausalLM  # noqa: E402
-from pipeline.speed import measure_speed  # noqa: E402
 
 SHAPES = {
     "llama-3.1-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,

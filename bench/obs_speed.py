@@ -1,4 +1,4 @@
-"""Greedy OBS speed: `pipeline.obs.greedy_obs` against the original algorithm (`reference_greedy_obs` in
+"""Greedy OBS speed: `pipeline.pruning.obs.greedy_obs` against the original algorithm (`reference_greedy_obs` in
 tests/test_obs.py: every removal downdates the full-size Hinv and W), measured in one run.
 
 Problems: a random positive-definite Hessian (from 2 x in random activations, damped as the pipeline
@@ -22,7 +22,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from pipeline.obs import greedy_obs, prepare_hessian, removal_counts  # noqa: E402
+from pipeline.pruning.obs import greedy_obs, prepare_hessian, removal_counts  # noqa: E402
 from tests.test_obs import reference_greedy_obs  # noqa: E402
 
 

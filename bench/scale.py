@@ -37,7 +37,7 @@ import torch
 from transformers import LlamaConfig, LlamaModel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from pipeline.obs import greedy_obs, prepare_hessian, removal_counts  # noqa: E402
+from pipeline.pruning.obs import greedy_obs, prepare_hessian, removal_counts  # noqa: E402
 
 HEAD_DIM = 128
 LEVELS = 10
@@ -53,7 +53,7 @@ class BlockShape:
     kv_heads: int
 
     @staticmethod
-    def llama_proportions(hidden: int) -> "BlockShape":
+    def llama_proportions(hidden: int) -> BlockShape:
         heads = hidden // HEAD_DIM
         return BlockShape(f"h{hidden}", hidden, hidden * 7 // 2, heads, max(1, heads // 4))
 
@@ -65,7 +65,7 @@ class BlockShape:
         return 2.0 * projections + 2.0 * (q_dim ** 2 + self.intermediate ** 2)
 
 
-    def same_block(self, other: "BlockShape") -> bool:
+    def same_block(self, other: BlockShape) -> bool:
         return (self.hidden, self.intermediate, self.heads, self.kv_heads) == \
             (other.hidden, other.intermediate, other.heads, other.kv_heads)
 

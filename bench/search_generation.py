@@ -25,11 +25,11 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pipeline.config import SearchParams, SelectionStage  # noqa: E402
-from pipeline.database import Database, build_database  # noqa: E402
-from pipeline.distributed import SINGLE  # noqa: E402
-from pipeline.fitness import teacher_targets  # noqa: E402
-from pipeline.modeling import structure_of  # noqa: E402
-from pipeline.search import LevelSwapper, evolve, uniform_levels  # noqa: E402
+from pipeline.model.structure import structure_of  # noqa: E402
+from pipeline.pruning.database import Database, build_database  # noqa: E402
+from pipeline.run.distributed import SINGLE  # noqa: E402
+from pipeline.search.evolution import LevelSwapper, evolve, uniform_levels  # noqa: E402
+from pipeline.search.fitness import teacher_targets  # noqa: E402
 
 PAPER_SCHEDULE = ((8, 1024, 10240), (4, 2048, 51200), (2, 4096, 102400), (1, 8192, 204800))
 # Llama-3.1-8B: 32 blocks of this shape and a 128256-token vocabulary, untied embeddings.

@@ -20,11 +20,17 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from pipeline.database import Database, build_database  # noqa: E402
-from pipeline.fitness import fitness, teacher_targets  # noqa: E402
-from pipeline.modeling import MODULE_TYPES, masked_weight, materialize, output_projection, structure_of  # noqa: E402
-from pipeline.obs import column_indices  # noqa: E402
-from pipeline.search import LevelSwapper, mutate, uniform_levels  # noqa: E402
+from pipeline.model.structure import (  # noqa: E402
+    MODULE_TYPES,
+    masked_weight,
+    materialize,
+    output_projection,
+    structure_of,
+    unit_indices,  # noqa: E402
+)
+from pipeline.pruning.database import Database, build_database  # noqa: E402
+from pipeline.search.evolution import LevelSwapper, mutate, uniform_levels  # noqa: E402
+from pipeline.search.fitness import fitness, teacher_targets  # noqa: E402
 from pipeline.train import train_causal_lm  # noqa: E402
 
 
@@ -36,7 +42,7 @@ def reference_candidate(dense, db, levels):
             for layer, level in enumerate(levels[module]):
                 units, weight = db.level_weight(layer, module, level)
                 proj = output_projection(model, layer, module)
-                proj.weight.copy_(masked_weight(proj.weight.shape, column_indices(units, db.structure.unit_size(module)),
+                proj.weight.copy_(masked_weight(proj.weight.shape, unit_indices(units, db.structure.unit_size(module)),
                                                 weight))
     return model
 

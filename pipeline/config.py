@@ -14,11 +14,9 @@ from pathlib import Path
 
 import yaml
 
+from pipeline.errors import ConfigError
+
 FITNESS_KINDS = ("kl", "topk_kl", "ppl")
-
-
-class ConfigError(ValueError):
-    """A params problem, phrased for the user: which key, what was given, what is valid."""
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,9 @@ from pathlib import Path
 
 import torch
 
-from pipeline.config import ConfigError, DataParams, DatasetSpec, TextSource
+from pipeline.config import DataParams, DatasetSpec, TextSource
+from pipeline.errors import ConfigError, CorpusError
+from pipeline.run.outputs import TOKENS
 
 TRAIN_SETS = ("calib", "fitness", "train")
 # The token budgets each text source must cover (keys of DataParams).
@@ -26,10 +28,6 @@ _PIECE_CHARS = 1 << 16
 # Checked longest first: the UTF-32-LE mark begins with the UTF-16-LE one.
 _BYTE_ORDER_MARKS = ((codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"),
                      (codecs.BOM_UTF8, "utf-8-sig"), (codecs.BOM_UTF16_LE, "utf-16"), (codecs.BOM_UTF16_BE, "utf-16"))
-
-
-class CorpusError(ValueError):
-    """A corpus that cannot provide what the params ask for."""
 
 
 def read_documents(source: TextSource, demo_dir: Path | None = None, split: str = "train") -> list[str]:
@@ -212,3 +210,11 @@ def eval_set(stream: torch.Tensor, p: DataParams) -> torch.Tensor:
     """The first data.eval_tokens (in whole windows) of the `data.eval` stream."""
     check_enough_tokens(len(stream), p, "eval")
     return windows(stream, p.seq_len)[: p.eval_tokens // p.seq_len].clone()
+
+
+def load_tokens(name: str) -> torch.Tensor:
+    """One of the token sets the calibration stage saved (calib, fitness, train, eval)."""
+    path = TOKENS / f"{name}.pt"
+    if not path.is_file():
+        raise FileNotFoundError(f"token set '{path}' not found: run the calibration stage (dvc repro)")
+    return torch.load(path)

@@ -1,12 +1,19 @@
-"""Measurements of a model on held-out tokens."""
+"""Measurements of a model: perplexity on held-out tokens, inference speed on the current device
+(prefill throughput, decode latency with the KV cache, peak memory; medians of repeats after warm-up),
+and third-party tasks with lm-evaluation-harness (`lm_eval`), including tasks defined by local YAML
+files whose data are local files (offline)."""
 from __future__ import annotations
 
 import math
+import platform
+import statistics
+import time
+from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
-from pipeline.modeling import device_of
+from pipeline.run.distributed import device_of
+from pipeline.train import next_token_loss
 
 
 @torch.no_grad()
@@ -18,9 +25,92 @@ def perplexity(model, sequences: torch.Tensor, batch_size: int) -> float:
     device = device_of(model)
     for batch in torch.split(sequences, batch_size):
         batch = batch.to(device)
-        logits = model(input_ids=batch).logits.float()
-        total += float(F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1),
-                                       reduction="sum"))
+        total += float(next_token_loss(model(input_ids=batch).logits.float(), batch, reduction="sum"))
         count += batch[:, 1:].numel()
     model.train(was_training)
     return math.exp(total / count)
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _cache_bytes(cache) -> int:
+    total = 0
+    for layer in getattr(cache, "layers", []):
+        for name in ("keys", "values"):
+            t = getattr(layer, name, None)
+            if isinstance(t, torch.Tensor):
+                total += t.numel() * t.element_size()
+    return total
+
+
+@torch.no_grad()
+def measure_speed(model, *, batch_size: int = 1, prompt_len: int = 128, decode_tokens: int = 32,
+                  repeats: int = 5, warmup: int = 2, vocab_size: int | None = None) -> dict:
+    """prefill tokens/s over (batch_size x prompt_len), decode ms per generated token (one token per
+    step, KV cache on), peak memory (CUDA: allocator peak; CPU: weights + KV cache at the end)."""
+    model.eval()
+    device = device_of(model)
+    vocab = vocab_size or model.config.vocab_size
+    gen = torch.Generator().manual_seed(0)
+    prompt = torch.randint(0, vocab, (batch_size, prompt_len), generator=gen).to(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    prefill, decode, kv_bytes = [], [], 0
+    for i in range(warmup + repeats):
+        _sync(device)
+        start = time.perf_counter()
+        out = model(input_ids=prompt, use_cache=True)
+        _sync(device)
+        prefill_s = time.perf_counter() - start
+        cache, token = out.cache, out.logits[:, -1:].argmax(-1)
+        start = time.perf_counter()
+        for _ in range(decode_tokens):
+            out = model(input_ids=token, cache=cache, use_cache=True)
+            cache, token = out.cache, out.logits[:, -1:].argmax(-1)
+        _sync(device)
+        decode_s = time.perf_counter() - start
+        if i >= warmup:
+            prefill.append(prefill_s)
+            decode.append(decode_s)
+            kv_bytes = _cache_bytes(cache)
+    weights = sum(p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values())
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else weights + kv_bytes
+    return {
+        "prefill_tokens_per_s": batch_size * prompt_len / statistics.median(prefill),
+        "decode_ms_per_token": 1000 * statistics.median(decode) / decode_tokens,
+        "peak_memory_mb": peak / 2**20,
+        "kv_cache_mb": kv_bytes / 2**20,
+        "device": device_name(device),
+        "batch_size": batch_size, "prompt_len": prompt_len, "decode_tokens": decode_tokens, "repeats": repeats,
+    }
+
+
+def run_lm_eval(model: str | Path, tasks: list[str], include_path: str | None = None, limit: int | None = None,
+                batch_size: int = 8, device: str = "cpu", dtype: str = "float32") -> dict[str, dict[str, float]]:
+    """{task: {metric: value}} for one model folder or hub id, loaded the ordinary Hugging Face way
+    (trust_remote_code, so exported pruned folders work)."""
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    manager = TaskManager(include_path=str(include_path) if include_path else None)
+    missing = [t for t in tasks if t not in manager.all_tasks]
+    if missing:
+        raise FileNotFoundError(f"evaluate.lm_eval_tasks: unknown task(s) {', '.join(missing)}"
+                                + (f" (not in lm_eval nor in '{include_path}')" if include_path else
+                                   " (set evaluate.lm_eval_include_path for local task YAMLs)"))
+    results = lm_eval.simple_evaluate(
+        model="hf", model_args=f"pretrained={model},trust_remote_code=True,dtype={dtype}", tasks=tasks,
+        task_manager=manager, device=device, batch_size=batch_size, limit=limit)["results"]
+    return {task: {metric.split(",")[0]: value for metric, value in values.items()
+                   if isinstance(value, (int, float)) and not metric.startswith("sample_len")
+                   and "stderr" not in metric}
+            for task, values in results.items()}

@@ -8,9 +8,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from pipeline.distributed import SINGLE, Group
-from pipeline.modeling import device_of
-from pipeline.outputs import atomic_file
+from pipeline.run.distributed import SINGLE, Group, device_of
+from pipeline.run.outputs import atomic_file
 
 
 def kl_per_token(teacher_logprobs: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
@@ -19,8 +18,11 @@ def kl_per_token(teacher_logprobs: torch.Tensor, student_logits: torch.Tensor) -
     return (teacher_logprobs.exp() * (teacher_logprobs - student)).sum(-1)
 
 
-def causal_lm_loss(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), tokens[:, 1:].reshape(-1))
+def next_token_loss(logits: torch.Tensor, tokens: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Cross-entropy of each position's prediction of the next token (the causal-LM loss), in fp32;
+    `reduction` as in `F.cross_entropy` ("none": one value per predicted position)."""
+    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), tokens[:, 1:].reshape(-1),
+                           reduction=reduction)
 
 
 def train_causal_lm(model, sequences: torch.Tensor, *, steps: int, batch_size: int, lr: float,
@@ -66,7 +68,7 @@ def train_causal_lm(model, sequences: torch.Tensor, *, steps: int, batch_size: i
         rows = torch.randint(len(sequences), (batch_size,), generator=gen)
         batch = sequences[group.shard(rows)].to(device)
         logits = trained(input_ids=batch).logits
-        loss = causal_lm_loss(logits, batch)
+        loss = next_token_loss(logits, batch)
         parts = {"ce": loss.item()}
         if distill > 0:
             with torch.no_grad():

@@ -7,12 +7,13 @@ import torch
 
 from pipeline import tracking
 from pipeline.data import token_stream, windows
-from pipeline.demo import pretrain_demo, stdlib_corpus, train_tokenizer
-from pipeline.modeling import count_params
-from pipeline.outputs import BASE, BASE_MODEL, BASE_WORK, DEMO_CORPUS, RESOLVED, atomic_dir, inputs_key, write_json
-from pipeline.plots import training_curve
-from pipeline.resolve import describe_model
-from pipeline.stage import run_stage
+from pipeline.model.demo import pretrain_demo, stdlib_corpus, train_tokenizer
+from pipeline.model.resolve import describe_model
+from pipeline.model.structure import count_params
+from pipeline.run.hashing import inputs_key
+from pipeline.run.outputs import BASE, BASE_MODEL, BASE_WORK, DEMO_CORPUS, RESOLVED, atomic_dir, write_json
+from pipeline.run.plots import training_curve
+from pipeline.run.stage import run_stage
 
 # Steps between pretraining checkpoints: a kill loses at most this many (about 6 s of the default
 # demo's 600 steps), and saving the ~1M-parameter model with its optimiser state costs milliseconds.

@@ -4,13 +4,14 @@ import torch
 from transformers import AutoTokenizer
 
 from pipeline.data import eval_set, read_documents, split_train_sets, token_stream
-from pipeline.outputs import DEMO_CORPUS, TOKENS, atomic_dir, write_json
-from pipeline.resources import gib, require_disk
-from pipeline.stage import model_source, run_stage
+from pipeline.model.structure import dense_source
+from pipeline.run.outputs import DEMO_CORPUS, TOKENS, atomic_dir, write_json
+from pipeline.run.resources import gib, require_disk
+from pipeline.run.stage import run_stage
 
 
 def main(params, say, group):
-    tokenizer = AutoTokenizer.from_pretrained(model_source(params), revision=params.model.revision)
+    tokenizer = AutoTokenizer.from_pretrained(dense_source(params), revision=params.model.revision)
     p = params.data
     sets = {}
     for source_key, split in (("train", "train"), ("eval", "eval")):

@@ -2,25 +2,27 @@
 of each block's output projections, structured OBS for every (layer, module), and compact storage
 of each level. Under torchrun the calibration windows and the OBS work are spread over processes."""
 import dataclasses
-import hashlib
 
 import torch
 
-from pipeline import database, obs, tracking
-from pipeline.blockwise import activation_bytes
-from pipeline.config import ConfigError
-from pipeline.database import build_database, check_units, finished_modules, model_fingerprint, obs_unit_heads
-from pipeline.modeling import MODULE_TYPES, load_dense, structure_of
-from pipeline.outputs import DATABASE, DATABASE_WORK, inputs_key, move_dir_into_place
-from pipeline.plots import obs_losses
-from pipeline.resources import (available_memory, database_output_bytes, database_working_bytes, gib,
-                                require_disk)
-from pipeline.stage import load_tokens, model_source, run_stage
+from pipeline import tracking
+from pipeline.data import load_tokens
+from pipeline.errors import ConfigError
+from pipeline.model.structure import MODULE_TYPES, dense_source, load_dense_model, structure_of
+from pipeline.pruning import database, obs
+from pipeline.pruning.block_stream import activation_bytes
+from pipeline.pruning.database import build_database, check_units, finished_modules, obs_unit_heads
+from pipeline.pruning.sizes import database_output_bytes, database_working_bytes
+from pipeline.run.hashing import inputs_key, model_fingerprint, tensor_sha256
+from pipeline.run.outputs import DATABASE, DATABASE_WORK, move_dir_into_place
+from pipeline.run.plots import obs_losses
+from pipeline.run.resources import available_memory, gib, require_disk
+from pipeline.run.stage import run_stage
 
 
 def main(params, say, group):
     p = params.database
-    model, _ = load_dense(model_source(params), params.model.dtype, params.model.revision)
+    model, _ = load_dense_model(params)
     structure = structure_of(model)
     try:
         check_units(structure, p.attn_unit, p.mlp_unit)
@@ -31,8 +33,8 @@ def main(params, say, group):
         f"{structure.intermediate_size} neurons; Hessians over {calib.numel():,} tokens, streamed block by block "
         f"on {group.device}")
 
-    identity = {"model": model_source(params), "model_fingerprint": model_fingerprint(model),
-                "calib_tokens": calib.numel(), "calib_sha256": hashlib.sha256(calib.numpy().tobytes()).hexdigest()}
+    identity = {"model": dense_source(params), "model_fingerprint": model_fingerprint(model),
+                "calib_tokens": calib.numel(), "calib_sha256": tensor_sha256(calib)}
     # Finished modules live outside DVC's output until the end, so a killed run resumes from them.
     work = DATABASE_WORK / inputs_key({**dataclasses.asdict(p), **identity}, (obs.__file__, database.__file__))
     spill = _activations_file(params, calib, model, structure, group, work, say)

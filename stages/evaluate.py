@@ -2,16 +2,15 @@
 uniform models (one-shot and finetuned), sizes, and one self-contained MLflow run for comparison."""
 
 from pipeline import tracking
-from pipeline.database import Database
-from pipeline.evaluate import perplexity
-from pipeline.export import load_pruned
-from pipeline.modeling import count_params, load_dense, materialize
-from pipeline.outputs import DATABASE, MODELS, levels_path, metrics_path, read_json
-from pipeline.lm_eval_tasks import run_lm_eval
-from pipeline.plots import layer_structure
-from pipeline.speed import measure_speed
-from pipeline.resources import gib
-from pipeline.stage import load_tokens, model_source, run_stage
+from pipeline.data import load_tokens
+from pipeline.evaluate import measure_speed, perplexity, run_lm_eval
+from pipeline.model.export import load_pruned
+from pipeline.model.structure import count_params, dense_source, materialize
+from pipeline.pruning.database import open_with_dense_model
+from pipeline.run.outputs import MODELS, levels_path, metrics_path, read_json
+from pipeline.run.plots import layer_structure
+from pipeline.run.resources import gib
+from pipeline.run.stage import run_stage
 
 UPSTREAM = ("base", "calibration", "database", "uniform", "search", "finetune@searched", "finetune@uniform")
 
@@ -19,10 +18,7 @@ UPSTREAM = ("base", "calibration", "database", "uniform", "search", "finetune@se
 def main(params, say, group):
     batch = params.evaluate.batch_size
     eval_tokens = load_tokens("eval")
-    db = Database(DATABASE)
-    dense, _ = load_dense(model_source(params), params.model.dtype, params.model.revision)
-    db.check_model(dense)
-    dense.to(group.device)
+    db, dense, _ = open_with_dense_model(params, group.device)
     say(f"needs: the dense model {gib(count_params(dense) * dense.dtype.itemsize)} and two pruned models at most "
         f"as large on {group.device.type}; nothing large on disk")
     ppl = {"dense": perplexity(dense, eval_tokens, batch)}
@@ -68,7 +64,7 @@ def _lm_eval(params, say) -> dict:
     if not p.lm_eval_tasks:
         return {}
     results = {}
-    for name, folder in (("dense", model_source(params)), ("searched", MODELS["searched"]),
+    for name, folder in (("dense", dense_source(params)), ("searched", MODELS["searched"]),
                          ("uniform", MODELS["uniform"])):
         results[name] = run_lm_eval(folder, list(p.lm_eval_tasks), p.lm_eval_include_path, p.lm_eval_limit,
                                     p.batch_size, dtype=params.model.dtype)

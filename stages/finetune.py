@@ -6,26 +6,34 @@ import dataclasses
 import pandas as pd
 
 from pipeline import tracking
-from pipeline.database import MANIFEST, Database
-from pipeline.export import save_pruned
-from pipeline.modeling import count_params, load_dense, materialize
+from pipeline.data import load_tokens
 from pipeline.evaluate import perplexity
-from pipeline.model_card import STRUCTURE_PNG, model_card
-from pipeline.outputs import (DATABASE, FINETUNE_WORK, MODELS, PLOTS, TOKENS, atomic_dir, inputs_key, levels_path,
-                              read_json, write_text)
-from pipeline.plots import layer_structure, training_curve
-from pipeline.stage import load_tokens, model_source, run_stage
-from pipeline.resources import gib, require_disk, training_bytes
+from pipeline.model.card import STRUCTURE_PNG, model_card
+from pipeline.model.export import save_pruned
+from pipeline.model.structure import count_params, materialize
+from pipeline.pruning.database import MANIFEST, open_with_dense_model
+from pipeline.run.hashing import inputs_key
+from pipeline.run.outputs import (
+    DATABASE,
+    FINETUNE_WORK,
+    MODELS,
+    PLOTS,
+    TOKENS,
+    atomic_dir,
+    levels_path,
+    read_json,
+    write_text,
+)
+from pipeline.run.plots import layer_structure, training_curve
+from pipeline.run.resources import gib, require_disk, training_bytes
+from pipeline.run.stage import run_stage
 from pipeline.train import full_state_dict, train_causal_lm
 
 
 def main(name, params, say, group):
     p = params.finetune
     levels = read_json(levels_path(name))
-    db = Database(DATABASE)
-    dense, tokenizer = load_dense(model_source(params), params.model.dtype, params.model.revision)
-    db.check_model(dense)
-    dense.to(group.device)
+    db, dense, tokenizer = open_with_dense_model(params, group.device)
     model = materialize(dense, db.structure, db.weights_for(levels))
     train_set = load_tokens("train")
     eval_set = load_tokens("eval")

@@ -5,24 +5,31 @@ import dataclasses
 import pandas as pd
 
 from pipeline import tracking
-from pipeline.database import MANIFEST, Database
+from pipeline.data import load_tokens
 from pipeline.evaluate import perplexity
-from pipeline.fitness import fitness, teacher_bytes, teacher_targets
-from pipeline.modeling import count_params, load_dense
-from pipeline.outputs import (DATABASE, SEARCH_CHECKPOINT, SEARCH_HISTORY, SEARCH_STRUCTURE, TOKENS, inputs_key,
-                              levels_path, write_json, write_text)
-from pipeline.plots import layer_structure, search_curve
-from pipeline.resources import gib, training_bytes
-from pipeline.search import LevelSwapper, SearchState, evolve, prunable_params, uniform_levels
-from pipeline.stage import load_tokens, model_source, run_stage
+from pipeline.model.structure import count_params, dense_source
+from pipeline.pruning.database import MANIFEST, open_with_dense_model
+from pipeline.run.hashing import inputs_key
+from pipeline.run.outputs import (
+    DATABASE,
+    SEARCH_CHECKPOINT,
+    SEARCH_HISTORY,
+    SEARCH_STRUCTURE,
+    TOKENS,
+    levels_path,
+    write_json,
+    write_text,
+)
+from pipeline.run.plots import layer_structure, search_curve
+from pipeline.run.resources import gib, training_bytes
+from pipeline.run.stage import run_stage
+from pipeline.search.evolution import LevelSwapper, SearchState, evolve, prunable_params, uniform_levels
+from pipeline.search.fitness import fitness, teacher_bytes, teacher_targets
 
 
 def main(params, say, group):
     p = params.search
-    db = Database(DATABASE)
-    model, _ = load_dense(model_source(params), params.model.dtype, params.model.revision)
-    db.check_model(model)
-    model.to(group.device)
+    db, model, _ = open_with_dense_model(params, group.device)
     fitness_set, train_set, eval_set = load_tokens("fitness"), load_tokens("train"), load_tokens("eval")
     need = teacher_bytes(p.fitness, fitness_set.numel(), model.config.vocab_size, p.topk)
     weights = count_params(model) * model.dtype.itemsize
@@ -54,7 +61,7 @@ def main(params, say, group):
             f"survivors {survivors}{' (parent kept)' if record['parent_kept'] else ''}"
             + (f", parent eval ppl {record['parent_eval_ppl']:.3f}" if "parent_eval_ppl" in record else ""))
 
-    key = inputs_key({"search": dataclasses.asdict(p), "model": model_source(params)},
+    key = inputs_key({"search": dataclasses.asdict(p), "model": dense_source(params)},
                      (DATABASE / MANIFEST, TOKENS / "fitness.pt", TOKENS / "train.pt"))
     resumed = SearchState.load(SEARCH_CHECKPOINT, key)
     if resumed and resumed.generation >= p.generations:
@@ -86,10 +93,10 @@ def _structure_table(db, searched, uniform) -> pd.DataFrame:
     rows = []
     for layer in range(db.structure.num_layers):
         rows.append({"layer": layer,
-                     "heads_searched": db.kept_units("attn", searched["attn"][layer]),
-                     "heads_uniform": db.kept_units("attn", uniform["attn"][layer]),
-                     "neurons_searched": db.kept_units("mlp", searched["mlp"][layer]),
-                     "neurons_uniform": db.kept_units("mlp", uniform["mlp"][layer])})
+                     "heads_searched": db.kept_count("attn", searched["attn"][layer]),
+                     "heads_uniform": db.kept_count("attn", uniform["attn"][layer]),
+                     "neurons_searched": db.kept_count("mlp", searched["mlp"][layer]),
+                     "neurons_uniform": db.kept_count("mlp", uniform["mlp"][layer])})
     return pd.DataFrame(rows)
 
 

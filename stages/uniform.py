@@ -1,9 +1,9 @@
 """Stage uniform: the baseline with every module at (nearly) the same level and exactly the
 searched model's level sums, hence the same size."""
-from pipeline.database import Database
-from pipeline.outputs import DATABASE, levels_path, write_json
-from pipeline.search import prunable_params, uniform_levels
-from pipeline.stage import run_stage
+from pipeline.pruning.database import Database
+from pipeline.run.outputs import DATABASE, levels_path, write_json
+from pipeline.run.stage import run_stage
+from pipeline.search.evolution import prunable_params, uniform_levels
 
 
 def main(params, say, group):

@@ -9,11 +9,11 @@ import json
 import sys
 from pathlib import Path
 
-from pipeline.config import ConfigError, load_params
-from pipeline.data import CorpusError
-from pipeline.modeling import ModelStructureError
-from pipeline.outputs import inputs_key, write_json
-from pipeline.resolve import check_compute, check_params_against_model, check_real_model, corpus_fingerprint
+from pipeline.config import load_params
+from pipeline.errors import UserError
+from pipeline.model.resolve import check_compute, check_params_against_model, check_real_model, corpus_fingerprint
+from pipeline.run.hashing import inputs_key
+from pipeline.run.outputs import write_json
 
 CHECKED = "checks/params.json"
 CORPUS = "checks/data.json"  # changes only when the text changes: calibration depends on it
@@ -36,7 +36,7 @@ if __name__ == "__main__":
             print(f"[validate] data.train and data.eval cover the token budgets "
                   f"(counted {counted['train']:,} and {counted['eval']:,} tokens)", flush=True)
             write_json(PASSED, {"key": key})
-    except (ConfigError, ModelStructureError, CorpusError) as err:
+    except UserError as err:
         sys.exit(f"error in params.yaml: {err}")
     write_json(CHECKED, {"params.yaml": "valid"})
     write_json(CORPUS, corpus)

@@ -84,7 +84,7 @@ def byte_level_tokenizer(bos="<s>", eos="</s>", vocab=300):
     """A small byte-level BPE tokenizer (any text round-trips) with the given BOS / EOS, None = none."""
     from transformers import PreTrainedTokenizerFast
 
-    from pipeline.demo import train_tokenizer
+    from pipeline.model.demo import train_tokenizer
     trained = train_tokenizer(["def f(x):\n    return x + 1\n" * 20, "hello world, some text\n" * 20], vocab)
     return PreTrainedTokenizerFast(tokenizer_object=trained.backend_tokenizer, bos_token=bos, eos_token=eos,
                                    pad_token="<pad>", clean_up_tokenization_spaces=False)

@@ -10,12 +10,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from conftest import tiny_llama  # noqa: E402
-from pipeline import distributed  # noqa: E402
+
 from pipeline.config import SearchParams, SelectionStage  # noqa: E402
-from pipeline.database import Database, build_database  # noqa: E402
-from pipeline.fitness import teacher_targets  # noqa: E402
-from pipeline.modeling import materialize, structure_of  # noqa: E402
-from pipeline.search import LevelSwapper, evolve, uniform_levels  # noqa: E402
+from pipeline.model.structure import materialize, structure_of  # noqa: E402
+from pipeline.pruning.database import Database, build_database  # noqa: E402
+from pipeline.run import distributed  # noqa: E402
+from pipeline.search.evolution import LevelSwapper, evolve, uniform_levels  # noqa: E402
+from pipeline.search.fitness import teacher_targets  # noqa: E402
 from pipeline.train import full_state_dict, train_causal_lm  # noqa: E402
 
 TRAIN_LEVELS = {"attn": [1, 4, 2], "mlp": [4, 0, 3]}  # a layer without heads, one without neurons

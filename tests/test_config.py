@@ -84,7 +84,7 @@ def test_scientific_notation_without_dot_is_a_number(tmp_path):
 
 
 def test_checks_against_the_model_shape(tmp_path):
-    from pipeline.resolve import check_params_against_model
+    from pipeline.model.resolve import check_params_against_model
     params = load_params(_write(tmp_path, lambda r: r["data"].update(seq_len=128)))
     check_params_against_model(params, 4, 128)
     with pytest.raises(ConfigError, match=r"data.seq_len \(128\) exceeds the model's context"):
@@ -96,7 +96,7 @@ def test_checks_against_the_model_shape(tmp_path):
 
 def test_unresolvable_model_id_is_a_clear_error_offline(monkeypatch):
     from pipeline.config import ModelParams
-    from pipeline.resolve import describe_model
+    from pipeline.model.resolve import describe_model
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ConfigError, match="model.name_or_path 'no-such-org/no-such-model' cannot be resolved"):
         describe_model(ModelParams(name_or_path="no-such-org/no-such-model"))

@@ -4,11 +4,21 @@ import codecs
 
 import pytest
 import torch
-
 from conftest import byte_level_tokenizer
+
 from pipeline.config import ConfigError, DataParams, DatasetSpec
-from pipeline.data import (_PIECE_CHARS, _PIECE_LINES, CorpusError, check_corpus_budgets, check_enough_tokens,
-                           count_tokens, eval_set, read_documents, split_train_sets, token_stream)
+from pipeline.data import (
+    _PIECE_CHARS,
+    _PIECE_LINES,
+    CorpusError,
+    check_corpus_budgets,
+    check_enough_tokens,
+    count_tokens,
+    eval_set,
+    read_documents,
+    split_train_sets,
+    token_stream,
+)
 
 
 def _params(**kw):

@@ -6,7 +6,7 @@ import torch
 from transformers import LlamaForCausalLM
 
 from pipeline.config import DemoParams
-from pipeline.demo import demo_model_config, pretrain_demo, stdlib_corpus, train_tokenizer
+from pipeline.model.demo import demo_model_config, pretrain_demo, stdlib_corpus, train_tokenizer
 
 TRAIN_BYTES, EVAL_BYTES = 200_000, 40_000
 TINY = DemoParams(corpus_bytes=TRAIN_BYTES, eval_bytes=EVAL_BYTES, vocab_size=400, hidden_size=64, num_layers=2,

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from distributed_worker import build, search, train
-from pipeline.database import MANIFEST, Database
-from pipeline.distributed import SINGLE
+
+from pipeline.pruning.database import MANIFEST, Database
+from pipeline.run.distributed import SINGLE
 
 WORKER = Path(__file__).with_name("distributed_worker.py")
 

@@ -12,15 +12,15 @@ import textwrap
 
 import pytest
 import torch
-
 from conftest import tiny_family
+
 from pipeline.config import SearchParams, SelectionStage
-from pipeline.database import Database, build_database
-from pipeline.fitness import teacher_targets
-from pipeline.demo import train_tokenizer
-from pipeline.export import save_pruned
-from pipeline.modeling import ATTN, MLP, materialize, structure_of
-from pipeline.search import LevelSwapper, evolve
+from pipeline.model.demo import train_tokenizer
+from pipeline.model.export import save_pruned
+from pipeline.model.structure import ATTN, MLP, materialize, structure_of
+from pipeline.pruning.database import Database, build_database
+from pipeline.search.evolution import LevelSwapper, evolve
+from pipeline.search.fitness import teacher_targets
 
 FAMILIES = ["llama", "llama_mha", "mistral", "qwen2", "qwen3"]
 

@@ -4,7 +4,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from pipeline.fitness import Teacher, fitness, teacher_targets, topk_kl_per_token
+from pipeline.search.fitness import Teacher, fitness, teacher_targets, topk_kl_per_token
 
 
 def _logits(seed, shape=(3, 5, 40), scale=3.0):

@@ -5,16 +5,16 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import tiny_family
-from pipeline.database import Database, build_database
-from pipeline.demo import train_tokenizer
-from pipeline.export import load_pruned, save_pruned
-from pipeline.lm_eval_tasks import run_lm_eval
-from pipeline.modeling import materialize, structure_of
+
+from pipeline.evaluate import run_lm_eval
+from pipeline.model.demo import train_tokenizer
+from pipeline.model.export import load_pruned, save_pruned
+from pipeline.model.structure import materialize, structure_of
+from pipeline.pruning.database import Database, build_database
 
 pytest.importorskip("lm_eval")
-WORDS = "the cat sat on a mat and dog ran to big red house".split()
+WORDS = ["the", "cat", "sat", "on", "a", "mat", "and", "dog", "ran", "to", "big", "red", "house"]
 
 
 def _task(folder, rows):

@@ -1,12 +1,11 @@
 """Database levels applied to models: dense-level equality and masked-vs-shrunk equality."""
-import json
 
 import pytest
 import torch
-
-from pipeline.database import Database, build_database, module_file
 from conftest import masked_copy as _masked_copy
-from pipeline.modeling import ATTN, MLP, ModelStructureError, materialize, structure_of
+
+from pipeline.model.structure import ATTN, MLP, ModelStructureError, materialize, structure_of
+from pipeline.pruning.database import Database, build_database, module_file
 
 
 @pytest.fixture
@@ -34,9 +33,9 @@ def test_shrunk_model_equals_zeroed_dense_model(tiny_model, database, tokens, le
     torch.testing.assert_close(pruned(tokens).logits, masked(tokens).logits, rtol=1e-5, atol=1e-5)
     assert not torch.allclose(pruned(tokens).logits, tiny_model(tokens).logits, atol=1e-3)
     for i, layer in enumerate(pruned.model.layers):
-        kept_heads = database.kept_units(ATTN, levels[ATTN][i])
+        kept_heads = database.kept_count(ATTN, levels[ATTN][i])
         assert layer.self_attn.q_proj.out_features == kept_heads * 8
-        assert layer.mlp.down_proj.in_features == database.kept_units(MLP, levels[MLP][i])
+        assert layer.mlp.down_proj.in_features == database.kept_count(MLP, levels[MLP][i])
 
 
 def test_orphaned_kv_heads_are_removed(tiny_model, database, tokens):
@@ -80,8 +79,8 @@ def test_kv_group_units_remove_whole_groups_and_shrink_the_kv_cache(tiny_model, 
     build_database(tiny_model, structure, tokens, 2, 0.01, tmp_path, {}, batch_size=6, attn_unit="kv_group",
                    mlp_unit=4)
     db = Database(tmp_path)
-    assert [db.kept_units(ATTN, k) for k in range(3)] == [4, 2, 0]
-    assert [db.kept_units(MLP, k) for k in range(3)] == [24, 12, 0]
+    assert [db.kept_count(ATTN, k) for k in range(3)] == [4, 2, 0]
+    assert [db.kept_count(MLP, k) for k in range(3)] == [24, 12, 0]
     levels = {ATTN: [1, 2, 0], MLP: [2, 1, 0]}  # layer 1 loses every head, layer 0 every neuron
     pruned = materialize(tiny_model, structure, db.weights_for(levels))
     torch.testing.assert_close(pruned(tokens).logits, _masked_copy(tiny_model, db, levels)(tokens).logits,
@@ -97,7 +96,8 @@ def test_kv_group_units_remove_whole_groups_and_shrink_the_kv_cache(tiny_model, 
 
 def test_corrupted_or_foreign_database_is_refused(tiny_model, tokens, tmp_path):
     from conftest import tiny_llama
-    from pipeline.database import DatabaseError, model_fingerprint
+
+    from pipeline.pruning.database import DatabaseError, model_fingerprint
     structure = structure_of(tiny_model)
     build_database(tiny_model, structure, tokens, 4, 0.01, tmp_path, {
         "model": "tiny", "model_fingerprint": model_fingerprint(tiny_model)}, batch_size=6)
@@ -115,7 +115,7 @@ def test_corrupted_or_foreign_database_is_refused(tiny_model, tokens, tmp_path):
 
 
 def test_interrupted_database_build_resumes_to_identical_files(tiny_model, tokens, tmp_path):
-    from pipeline.outputs import file_sha256
+    from pipeline.run.outputs import file_sha256
     structure = structure_of(tiny_model)
     reference = build_database(tiny_model, structure, tokens, 4, 0.01, tmp_path / "ref", {}, batch_size=6)
 
@@ -160,9 +160,10 @@ def _hessians_from_full_forward(model, tokens):
 @pytest.mark.parametrize("spill", [False, True])
 def test_block_by_block_hessians_equal_the_full_forward_ones(family, spill, tokens, tmp_path):
     from conftest import tiny_family
-    from pipeline.blockwise import BlockRunner
-    from pipeline.database import block_hessians
-    from pipeline.distributed import SINGLE
+
+    from pipeline.pruning.block_stream import BlockRunner
+    from pipeline.pruning.database import block_hessians
+    from pipeline.run.distributed import SINGLE
     model = tiny_family(family, layers=3)
     reference = _hessians_from_full_forward(model, tokens)
     runner = BlockRunner(model, tokens, 5, torch.device("cpu"), tmp_path / "states.bin" if spill else None)

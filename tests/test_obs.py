@@ -1,10 +1,10 @@
 """Structured OBS against independent least-squares solutions and brute force."""
-import itertools
 
 import pytest
 import torch
 
-from pipeline.obs import Snapshot, column_indices, greedy_obs, prepare_hessian, removal_counts
+from pipeline.model.structure import unit_indices
+from pipeline.pruning.obs import Snapshot, greedy_obs, prepare_hessian, removal_counts
 
 
 def reference_greedy_obs(weight, hessian, unit_size, counts):
@@ -22,7 +22,7 @@ def reference_greedy_obs(weight, hessian, unit_size, counts):
             if g == 1:  # rho(u) = trace(W[:,u] (Hinv[u,u])^-1 W[:,u]^T)
                 rho = (w[:, candidates] ** 2).sum(0) / hinv.diagonal()[candidates]
             else:
-                cand_cols = column_indices(candidates, g).view(-1, g)
+                cand_cols = unit_indices(candidates, g).view(-1, g)
                 w_units = w[:, cand_cols].permute(1, 2, 0)  # (n, g, out)
                 blocks = hinv[cand_cols[:, :, None], cand_cols[:, None, :]]  # (n, g, g)
                 rho = (w_units * torch.linalg.solve(blocks, w_units)).sum((1, 2))
@@ -37,7 +37,7 @@ def reference_greedy_obs(weight, hessian, unit_size, counts):
             loss += float(rho[best])
             removed += 1
         kept = alive.nonzero().squeeze(1)
-        snapshots.append(Snapshot(kept.clone(), w[:, column_indices(kept, g)].to(weight.dtype).clone(), loss))
+        snapshots.append(Snapshot(kept.clone(), w[:, unit_indices(kept, g)].to(weight.dtype).clone(), loss))
     return snapshots
 
 
@@ -66,7 +66,7 @@ def test_every_snapshot_is_the_least_squares_optimum_for_its_kept_columns(g):
     snaps = greedy_obs(w, h, g, removal_counts(n_units, n_units))
     assert [len(s.kept_units) for s in snaps] == list(range(n_units, -1, -1))
     for s in snaps[:-1]:
-        cols = column_indices(s.kept_units, g)
+        cols = unit_indices(s.kept_units, g)
         best, err = _lstsq_fit(x, w, cols)
         torch.testing.assert_close(s.weight, best, rtol=1e-7, atol=1e-8)
         assert s.loss == pytest.approx(err, rel=1e-6, abs=1e-8)  # sum of rho's = exact error
@@ -81,7 +81,7 @@ def test_each_greedy_step_removes_the_unit_a_brute_force_search_would(g):
     snaps = greedy_obs(w, h, g, list(range(5)))
     for before, after in zip(snaps, snaps[1:]):
         kept = before.kept_units.tolist()
-        errors = {u: _lstsq_fit(x, w, column_indices(torch.tensor([k for k in kept if k != u], dtype=torch.long), g))[1]
+        errors = {u: _lstsq_fit(x, w, unit_indices(torch.tensor([k for k in kept if k != u], dtype=torch.long), g))[1]
                   for u in kept}
         removed = (set(kept) - set(after.kept_units.tolist())).pop()
         assert errors[removed] == pytest.approx(min(errors.values()), rel=1e-9)
@@ -93,7 +93,7 @@ def test_damped_hessian_equals_ridge_least_squares():
     h = prepare_hessian(x.T @ x, damp)
     lam = damp * float((x.T @ x).diagonal().mean())
     snaps = greedy_obs(w, h, 2, [2])
-    cols = column_indices(snaps[0].kept_units, 2)
+    cols = unit_indices(snaps[0].kept_units, 2)
     # ridge on the kept columns == lstsq on x augmented with sqrt(lam) * I rows, target from all columns
     x_aug = torch.cat([x, lam ** 0.5 * torch.eye(x.shape[1], dtype=x.dtype)])
     target = x_aug @ w.T

@@ -10,9 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from safetensors.torch import load_file
-
 from conftest import ROOT
+from safetensors.torch import load_file
 
 TINY = {
     "demo": dict(corpus_bytes=150_000, eval_bytes=40_000, vocab_size=300, hidden_size=32, num_layers=2,
@@ -95,7 +94,7 @@ def test_repro_produces_every_output(repo):
 def test_pruned_folder_reloads_with_the_evaluated_perplexity(repo):
     sys.path.insert(0, str(repo))
     from pipeline.evaluate import perplexity
-    from pipeline.export import load_pruned
+    from pipeline.model.export import load_pruned
     model = load_pruned(repo / "models/pruned")
     tokens = torch.load(repo / "data/tokens/eval.pt")
     assert perplexity(model, tokens, 8) == pytest.approx(_metrics(repo, "evaluate")["ppl"]["searched_finetuned"],

@@ -3,12 +3,12 @@ computed from each architecture's published shape (no weights needed)."""
 from pathlib import Path
 
 import pytest
-
 from conftest import ROOT
+
 from pipeline.config import load_params
-from pipeline.modeling import Structure
-from pipeline.obs import removal_counts
-from pipeline.search import uniform_levels
+from pipeline.model.structure import Structure
+from pipeline.pruning.obs import removal_counts
+from pipeline.search.evolution import uniform_levels
 
 # name: (shape from the model's config.json, embedding + LM head parameters, paper's pruned size)
 PRESETS = {

@@ -2,16 +2,16 @@
 loading, the database, one-shot pruning quality and a short search. Skips without ../shared/data."""
 import pytest
 import torch
-
 from conftest import SHARED_DATA
+
 from pipeline.config import DataParams, ModelParams, SearchParams, SelectionStage
 from pipeline.data import eval_set, read_documents, split_train_sets, token_stream
-from pipeline.database import Database, build_database
 from pipeline.evaluate import perplexity
-from pipeline.modeling import ATTN, MLP, load_dense, materialize, output_projection, structure_of
-from pipeline.resolve import describe_model
-from pipeline.fitness import fitness, teacher_targets
-from pipeline.search import LevelSwapper, evolve, uniform_levels
+from pipeline.model.resolve import describe_model
+from pipeline.model.structure import ATTN, MLP, load_dense, materialize, output_projection, structure_of
+from pipeline.pruning.database import Database, build_database
+from pipeline.search.evolution import LevelSwapper, evolve, uniform_levels
+from pipeline.search.fitness import fitness, teacher_targets
 
 MODEL = SHARED_DATA / "stories260K"
 TEXT = SHARED_DATA / "tinystories"
@@ -53,7 +53,7 @@ def test_obs_beats_magnitude_pruning_at_the_same_structure(built):
             w = output_projection(model, layer, module).weight.detach()
             g = db.structure.unit_size(module)
             norms = w.reshape(w.shape[0], -1, g).norm(dim=(0, 2))
-            kept = norms.argsort(descending=True)[: db.kept_units(module, level)].sort().values
+            kept = norms.argsort(descending=True)[: db.kept_count(module, level)].sort().values
             cols = (kept[:, None] * g + torch.arange(g)).reshape(-1)
             magnitude[(layer, module)] = (kept, w[:, cols])
     mag_ppl = perplexity(materialize(model, db.structure, magnitude), evals, 16)

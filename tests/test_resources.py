@@ -2,9 +2,11 @@
 import pytest
 import torch
 
-from pipeline.database import build_database, obs_unit_heads
-from pipeline.modeling import MODULE_TYPES, structure_of
-from pipeline.resources import ResourceError, database_output_bytes, require_disk
+from pipeline.errors import ResourceError
+from pipeline.model.structure import MODULE_TYPES, structure_of
+from pipeline.pruning.database import build_database, obs_unit_heads
+from pipeline.pruning.sizes import database_output_bytes
+from pipeline.run.resources import require_disk
 
 
 @pytest.mark.parametrize("attn_unit,mlp_unit", [("query", 1), ("kv_group", 4)])

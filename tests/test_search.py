@@ -5,11 +5,21 @@ import pytest
 import torch
 
 from pipeline.config import SearchParams, SelectionStage
-from pipeline.database import Database, build_database
-from pipeline.modeling import structure_of
-from pipeline.fitness import fitness, teacher_targets
-from pipeline.search import (LevelSwapper, SearchState, evolve, level_sum, mutate, offspring, params_table,
-                             prunable_params, switch_count, uniform_levels)
+from pipeline.model.structure import structure_of
+from pipeline.pruning.database import Database, build_database
+from pipeline.search.evolution import (
+    LevelSwapper,
+    SearchState,
+    evolve,
+    level_sum,
+    mutate,
+    offspring,
+    params_table,
+    prunable_params,
+    switch_count,
+    uniform_levels,
+)
+from pipeline.search.fitness import fitness, teacher_targets
 
 
 @pytest.mark.parametrize("target,levels,layers", [(0.5, 10, 4), (0.55, 10, 7), (0.13, 4, 3), (0.9, 10, 32)])
@@ -17,7 +27,7 @@ def test_uniform_levels_hit_the_level_sum_and_differ_by_at_most_one(target, leve
     u = uniform_levels(target, levels, layers)
     for v in u.values():
         assert sum(v) == level_sum(target, levels, layers)
-        assert max(v) - min(v) <= 1 and 0 <= min(v) and max(v) <= levels
+        assert max(v) - min(v) <= 1 and min(v) >= 0 and max(v) <= levels
 
 
 def test_mutation_keeps_level_sums_and_range():
@@ -102,6 +112,7 @@ def test_search_is_deterministic_never_worse_than_start_and_keeps_budget(tiny_mo
 
 def test_swapper_after_many_swaps_equals_an_independently_masked_model(tiny_model, setup, tokens):
     import copy
+
     from conftest import masked_copy
     db, _, _ = setup
     swapper = LevelSwapper(copy.deepcopy(tiny_model), db)
@@ -167,7 +178,7 @@ def test_params_budget_trades_attention_for_mlp_within_tolerance(tiny_model, set
 
 
 def test_params_table_matches_materialized_models(tiny_model, setup):
-    from pipeline.modeling import materialize
+    from pipeline.model.structure import materialize
     db, _, _ = setup
     levels = {"attn": [1, 4, 3], "mlp": [2, 0, 4]}
     model = materialize(tiny_model, db.structure, db.weights_for(levels))

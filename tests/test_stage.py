@@ -8,9 +8,9 @@ import textwrap
 
 import pytest
 import yaml
-
 from conftest import ROOT
-from pipeline.outputs import atomic_dir, leftover_temporaries
+
+from pipeline.run.outputs import atomic_dir, leftover_temporaries
 
 # A stage that is interrupted while writing both kinds of output: inside atomic_dir (a finished
 # output folder) and inside atomic_file (a checkpoint).
@@ -18,8 +18,8 @@ STAGE = textwrap.dedent(f"""
     import sys, time
     from pathlib import Path
     sys.path.insert(0, {str(ROOT)!r})
-    from pipeline.outputs import atomic_dir, atomic_file
-    from pipeline.stage import run_stage
+    from pipeline.run.outputs import atomic_dir, atomic_file
+    from pipeline.run.stage import run_stage
 
     def body(params, say, group):
         with atomic_dir(Path("out")) as tmp:

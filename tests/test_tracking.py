@@ -156,9 +156,8 @@ def test_params_hash_and_key_ignore_dict_order(repo):
 
 
 def test_failing_stage_is_failed_reraises_and_leaves_the_parent_open(repo):
-    with pytest.raises(RuntimeError, match="boom"):
-        with _stage("search") as run:
-            raise RuntimeError("boom")
+    with pytest.raises(RuntimeError, match="boom"), _stage("search") as run:
+        raise RuntimeError("boom")
     client = _client(repo)
     failed = client.get_run(run.info.run_id)
     assert failed.info.status == "FAILED"
@@ -263,9 +262,8 @@ def test_disabled_touches_no_store_and_helpers_are_no_ops(tmp_path, monkeypatch)
         tracking.log_artifacts(tmp_path / "missing", "x")
         tracking.set_tags({"a": "b"})
     plt.close(fig)
-    with pytest.raises(KeyError):
-        with _stage("evaluate", enabled=False, close_pipeline=True):
-            raise KeyError("x")
+    with pytest.raises(KeyError), _stage("evaluate", enabled=False, close_pipeline=True):
+        raise KeyError("x")
     tracking.log_metrics({"loss": 1.0})  # outside any stage_run: also a no-op
     assert list(tmp_path.iterdir()) == []
     assert mlflow.active_run() is None

@@ -6,11 +6,11 @@ import sys
 
 import pytest
 import yaml
-
 from conftest import ROOT, byte_level_tokenizer, tiny_llama
+
 from pipeline.config import ConfigError, load_params
 from pipeline.data import CorpusError
-from pipeline.resolve import check_real_model
+from pipeline.model.resolve import check_real_model
 
 BUDGETS = dict(seq_len=16, calib_tokens=64, fitness_tokens=32, train_tokens=32, eval_tokens=32)  # 128 + 32 tokens
 TEXT = "def f(x):\n    return x + 1\nhello world, some text\n"
@@ -83,7 +83,7 @@ def test_the_validate_stage_stops_with_one_line_and_writes_nothing(tmp_path, fol
 
 def test_corpus_fingerprint_follows_the_text_not_the_name(tmp_path):
     from pipeline.config import DatasetSpec
-    from pipeline.resolve import corpus_fingerprint
+    from pipeline.model.resolve import corpus_fingerprint
     text = tmp_path / "train.txt"
     text.write_text("one document\n")
     before = corpus_fingerprint(str(text))
@@ -96,9 +96,11 @@ def test_corpus_fingerprint_follows_the_text_not_the_name(tmp_path):
 
 def test_compute_asks_for_no_more_gpus_than_there_are(monkeypatch):
     import dataclasses
+
     import torch
+
     from pipeline.config import ComputeParams, Params
-    from pipeline.resolve import check_compute
+    from pipeline.model.resolve import check_compute
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     check_compute(dataclasses.replace(Params(), compute=ComputeParams(nproc=2)))

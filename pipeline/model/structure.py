@@ -11,16 +11,14 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
+from pipeline.errors import ModelStructureError
 from pipeline.pruned_llama import PrunedLlamaConfig, PrunedLlamaForCausalLM
+from pipeline.run.outputs import BASE_MODEL
 
 ATTN, MLP = "attn", "mlp"
 MODULE_TYPES = (ATTN, MLP)
 _ATTN_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
 _MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
-
-
-class ModelStructureError(ValueError):
-    """The model does not have the Llama block layout this pipeline prunes."""
 
 
 @dataclass(frozen=True)
@@ -38,7 +36,7 @@ class Structure:
     def group_size(self) -> int:
         return self.num_heads // self.num_kv_heads
 
-    def units(self, module: str) -> int:
+    def unit_count(self, module: str) -> int:
         return self.num_heads if module == ATTN else self.intermediate_size
 
     def unit_size(self, module: str) -> int:
@@ -58,6 +56,14 @@ class Structure:
     def kv_heads_used(self, q_heads) -> list[int]:
         """Key/value heads that still serve at least one of the kept query heads."""
         return sorted({int(q) // self.group_size for q in q_heads})
+
+
+def unit_indices(units: torch.Tensor, size: int) -> torch.Tensor:
+    """The indices that units of `size` consecutive members cover: unit u covers u*size .. u*size+size-1.
+    A query head's columns of o_proj (or rows of q_proj), a key/value head's rows of k/v_proj, an OBS
+    unit's query heads or neurons."""
+    units = torch.as_tensor(units, dtype=torch.long)
+    return (units[:, None] * size + torch.arange(size, device=units.device)).reshape(-1)
 
 
 def structure_of(model) -> Structure:
@@ -94,9 +100,14 @@ def load_dense(path: str | Path, dtype: str = "float32", revision: str | None = 
     return model, tokenizer
 
 
-def device_of(model) -> torch.device:
-    """Where a model's weights are (a module without parameters runs on the CPU)."""
-    return next(model.parameters(), torch.empty(0)).device
+def dense_source(params) -> str:
+    """Where the dense model is loaded from: the demo's pretrained folder or the user's model."""
+    return str(BASE_MODEL) if params.is_demo else params.model.name_or_path
+
+
+def load_dense_model(params):
+    """The stages' dense model (and tokenizer) as params.yaml names it, on the CPU."""
+    return load_dense(dense_source(params), params.model.dtype, params.model.revision)
 
 
 def output_projection(model, layer: int, module: str) -> nn.Linear:
@@ -167,8 +178,8 @@ def materialize(dense_model, structure: Structure, level_weights: dict) -> Prune
             if prefix + norm in dense_state:
                 state[prefix + norm] = dense_state[prefix + norm]
         q_units, o_weight = level_weights[(i, ATTN)]
-        q_rows = _unit_rows(torch.as_tensor(q_units), d)
-        kv_rows = _unit_rows(torch.tensor(config.layer_kv_heads[i], dtype=torch.long), d)
+        q_rows = unit_indices(torch.as_tensor(q_units), d)
+        kv_rows = unit_indices(torch.tensor(config.layer_kv_heads[i], dtype=torch.long), d)
         attn = prefix + "self_attn."
         for proj, rows in (("q_proj", q_rows), ("k_proj", kv_rows), ("v_proj", kv_rows)):
             state[attn + proj + ".weight"] = dense_state[attn + proj + ".weight"][rows]
@@ -194,10 +205,6 @@ def materialize(dense_model, structure: Structure, level_weights: dict) -> Prune
             model.get_buffer(name).copy_(buffer)
     model.eval()
     return model
-
-
-def _unit_rows(units: torch.Tensor, size: int) -> torch.Tensor:
-    return (units.long()[:, None] * size + torch.arange(size)).reshape(-1)
 
 
 def count_params(model) -> int:

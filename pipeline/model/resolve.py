@@ -2,17 +2,17 @@
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 from pathlib import Path
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from pipeline.config import ConfigError, DatasetSpec, ModelParams, Params, TextSource
+from pipeline.config import DatasetSpec, ModelParams, Params, TextSource
 from pipeline.data import check_corpus_budgets, require_eos
-from pipeline.distributed import pick_device, torchrun_path
-from pipeline.modeling import count_params, structure_of
-from pipeline.outputs import file_sha256
+from pipeline.errors import ConfigError
+from pipeline.model.structure import count_params, structure_of
+from pipeline.run.distributed import pick_device, torchrun_path
+from pipeline.run.hashing import file_sha256, folder_sha256
 
 
 def describe_model(p: ModelParams) -> dict:
@@ -26,7 +26,7 @@ def describe_model(p: ModelParams) -> dict:
         skeleton = AutoModelForCausalLM.from_config(config)
     structure = structure_of(skeleton)
     folder = Path(p.name_or_path)
-    identity = {"kind": "folder", "folder_sha256": folder_hash(folder)} if folder.is_dir() else \
+    identity = {"kind": "folder", "folder_sha256": folder_sha256(folder)} if folder.is_dir() else \
         {"kind": "hub", "revision": p.revision or "main"}
     return {"name_or_path": p.name_or_path, **identity, "model_type": config.model_type,
             "parameters": count_params(skeleton), "structure": structure.__dict__,
@@ -62,17 +62,6 @@ def load_tokenizer(p: ModelParams):
         return AutoTokenizer.from_pretrained(p.name_or_path, revision=p.revision)
     except (OSError, ValueError) as err:
         raise ConfigError(f"model.name_or_path '{p.name_or_path}': its tokenizer cannot be loaded: {err}") from None
-
-
-def folder_hash(folder: Path) -> str:
-    """sha256 over the relative names and contents of every file in the folder."""
-    digest = hashlib.sha256()
-    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-        digest.update(str(path.relative_to(folder)).encode())
-        with path.open("rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
-    return digest.hexdigest()
 
 
 def corpus_fingerprint(source: TextSource) -> str | dict:

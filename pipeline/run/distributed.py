@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from pipeline.config import ConfigError
+from pipeline.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -62,6 +62,11 @@ class Group:
 
 
 SINGLE = Group()
+
+
+def device_of(model) -> torch.device:
+    """Where a model's weights are (a module without parameters runs on the CPU)."""
+    return next(model.parameters(), torch.empty(0)).device
 
 
 def pick_device(name: str, local_rank: int = 0) -> torch.device:

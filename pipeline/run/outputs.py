@@ -3,7 +3,6 @@ that looks complete: everything goes to a temporary sibling first and is renamed
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import shutil
@@ -98,23 +97,6 @@ def write_json(path: Path, data) -> None:
 def write_text(path: Path, text: str) -> None:
     with atomic_file(path) as tmp:
         tmp.write_text(text)
-
-
-def inputs_key(values, files=()) -> str:
-    """Identifies one piece of work by its params and input files, so unfinished work is only ever
-    resumed by the same work."""
-    digest = hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode())
-    for f in files:
-        digest.update(Path(f).read_bytes())
-    return digest.hexdigest()[:16]
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def read_json(path: Path):

@@ -19,12 +19,11 @@ from pathlib import Path
 import torch
 
 from pipeline.config import SearchParams, SelectionStage
-from pipeline.database import Database
-from pipeline.distributed import SINGLE, Group
-from pipeline.fitness import Teacher, fitness
-from pipeline.modeling import MODULE_TYPES, masked_weight, materialize, output_projection
-from pipeline.obs import column_indices
-from pipeline.outputs import write_text
+from pipeline.model.structure import MODULE_TYPES, masked_weight, materialize, output_projection, unit_indices
+from pipeline.pruning.database import Database
+from pipeline.run.distributed import SINGLE, Group
+from pipeline.run.outputs import write_text
+from pipeline.search.fitness import Teacher, fitness
 from pipeline.train import train_causal_lm
 
 Levels = dict[str, list[int]]
@@ -93,7 +92,7 @@ def params_table(db: Database) -> dict[str, list[list[int]]]:
     for layer in range(s.num_layers):
         heads = [db.level_weight(layer, "attn", k)[0].tolist() for k in range(db.levels + 1)]
         table["attn"].append([s.attention_params(len(h), len(s.kv_heads_used(h))) for h in heads])
-        table["mlp"].append([s.mlp_params(db.kept_units("mlp", k)) for k in range(db.levels + 1)])
+        table["mlp"].append([s.mlp_params(db.kept_count("mlp", k)) for k in range(db.levels + 1)])
     return table
 
 
@@ -123,7 +122,7 @@ class LevelSwapper:
     def _set(self, layer: int, module: str, level: int) -> None:
         units, weight = self.db.level_weight(layer, module, level)
         proj = output_projection(self.model, layer, module)
-        cols = column_indices(units, self.db.structure.unit_size(module))
+        cols = unit_indices(units, self.db.structure.unit_size(module))
         proj.weight.copy_(masked_weight(proj.weight.shape, cols, weight.to(proj.weight.dtype)))
         self.swaps += 1
 

@@ -7,7 +7,6 @@ kept columns only (`weight.{k}`); its metadata holds the OBS loss of every level
 """
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -16,29 +15,16 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from pipeline.blockwise import BlockRunner
-from pipeline.distributed import SINGLE, Group
-from pipeline.modeling import MODULE_TYPES, Structure, output_projection
-from pipeline.obs import greedy_obs, prepare_hessian, removal_counts
-from pipeline.outputs import atomic_file, file_sha256, write_text
+from pipeline.errors import DatabaseError
+from pipeline.model.structure import MODULE_TYPES, Structure, load_dense_model, output_projection, unit_indices
+from pipeline.pruning.block_stream import BlockRunner
+from pipeline.pruning.obs import greedy_obs, prepare_hessian, removal_counts
+from pipeline.run.distributed import SINGLE, Group
+from pipeline.run.hashing import file_sha256, model_fingerprint
+from pipeline.run.outputs import DATABASE, atomic_file, write_text
 
 MANIFEST = "manifest.json"
 FORMAT = 2
-
-
-class DatabaseError(ValueError):
-    """A database that is corrupted on disk or was built for another model."""
-
-
-@torch.no_grad()
-def model_fingerprint(model) -> str:
-    """Identifies a model's weights cheaply: config, and each tensor's name, shape and moments."""
-    digest = hashlib.sha256(json.dumps(model.config.to_dict(), sort_keys=True, default=str).encode())
-    for name, tensor in model.state_dict().items():
-        total = float(tensor.sum(dtype=torch.float64))
-        norm = float(torch.linalg.vector_norm(tensor, dtype=torch.float64))
-        digest.update(f"{name}{tuple(tensor.shape)}{total:.6e}{norm:.6e}".encode())
-    return digest.hexdigest()[:16]
 
 
 @torch.no_grad()
@@ -108,7 +94,7 @@ def build_database(model, structure: Structure, calib: torch.Tensor, levels: int
     check_units(structure, attn_unit, mlp_unit)
     out_dir.mkdir(parents=True, exist_ok=True)
     per_unit = {m: obs_unit_heads(structure, m, attn_unit, mlp_unit) for m in MODULE_TYPES}
-    counts = {m: removal_counts(structure.units(m) // per_unit[m], levels) for m in MODULE_TYPES}
+    counts = {m: removal_counts(structure.unit_count(m) // per_unit[m], levels) for m in MODULE_TYPES}
     def missing(layer: int) -> list[str]:
         return [m for m in MODULE_TYPES if not (out_dir / module_file(layer, m)).is_file()]
 
@@ -149,7 +135,7 @@ def build_database(model, structure: Structure, calib: torch.Tensor, levels: int
         "structure": structure.__dict__,
         "attn_unit": attn_unit,
         "mlp_unit": mlp_unit,
-        "kept_units": {m: [structure.units(m) - c * per_unit[m] for c in counts[m]] for m in MODULE_TYPES},
+        "kept_units": {m: [structure.unit_count(m) - c * per_unit[m] for c in counts[m]] for m in MODULE_TYPES},
         "obs_loss": losses,
         "damp": damp,
         "identity": identity,
@@ -187,6 +173,14 @@ def module_file(layer: int, module: str) -> str:
     return f"layer_{layer:03d}.{module}.safetensors"
 
 
+def open_with_dense_model(params, device) -> tuple[Database, torch.nn.Module, object]:
+    """What the stages after the database start from: the database, the dense model it was built from
+    (checked, then moved to `device`) and its tokenizer."""
+    dense, tokenizer = load_dense_model(params)
+    db = Database.open_for(DATABASE, dense)
+    return db, dense.to(device), tokenizer
+
+
 class Database:
     """Read access to a built database; tensors are loaded lazily and kept in memory. Each module's file
     is checked against its manifest checksum the first time it is read."""
@@ -206,6 +200,13 @@ class Database:
                                            self.manifest.get("mlp_unit", 1)) for m in MODULE_TYPES}
         self._cache: dict = {}
         self._verified: set[str] = set()
+
+    @classmethod
+    def open_for(cls, path: str | Path, model) -> Database:
+        """The database at `path`, refused unless it was built from `model`."""
+        db = cls(path)
+        db.check_model(model)
+        return db
 
     def check_model(self, model) -> None:
         """Refuse to serve a model other than the one the database was built from."""
@@ -236,10 +237,8 @@ class Database:
         key = (layer, module, level)
         if key not in self._cache:
             with safe_open(str(self._verify(layer, module)), framework="pt") as f:
-                units = f.get_tensor(f"kept.{level}")
-                n = self.per_unit[module]
-                heads = (units[:, None] * n + torch.arange(n)).reshape(-1)
-                self._cache[key] = (heads, f.get_tensor(f"weight.{level}"))
+                members = unit_indices(f.get_tensor(f"kept.{level}"), self.per_unit[module])
+                self._cache[key] = (members, f.get_tensor(f"weight.{level}"))
         return self._cache[key]
 
     def weights_for(self, levels: dict[str, list[int]]) -> dict:
@@ -247,5 +246,5 @@ class Database:
         return {(layer, module): self.level_weight(layer, module, lv)
                 for module in MODULE_TYPES for layer, lv in enumerate(levels[module])}
 
-    def kept_units(self, module: str, level: int) -> int:
+    def kept_count(self, module: str, level: int) -> int:
         return self.manifest["kept_units"][module][level]

@@ -8,19 +8,14 @@ import signal
 import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 
-import torch
+from pipeline import tracking
+from pipeline.config import Params, load_params
+from pipeline.errors import ConfigError, UserError
+from pipeline.run import distributed
+from pipeline.run.outputs import metrics_path, write_json
 
-from pipeline import distributed, tracking
-from pipeline.config import ConfigError, Params, load_params
-from pipeline.data import CorpusError
-from pipeline.database import DatabaseError
-from pipeline.modeling import ModelStructureError
-from pipeline.resources import ResourceError
-from pipeline.outputs import BASE_MODEL, TOKENS, metrics_path, write_json
-
-USER_ERRORS = (ConfigError, CorpusError, ModelStructureError, DatabaseError, ResourceError, FileNotFoundError)
+USER_ERRORS = (UserError, FileNotFoundError)
 PARAMS_FILE = "params.yaml"
 _start = time.time()
 
@@ -103,15 +98,3 @@ def stop_cleanly_on_signals() -> None:
 
 def section_dicts(params: Params, sections: tuple[str, ...]) -> dict:
     return {s: dataclasses.asdict(getattr(params, s)) for s in sections}
-
-
-def model_source(params: Params) -> str:
-    """Where the dense model is loaded from: the demo's pretrained folder or the user's model."""
-    return str(BASE_MODEL) if params.is_demo else params.model.name_or_path
-
-
-def load_tokens(name: str) -> torch.Tensor:
-    path = Path(TOKENS) / f"{name}.pt"
-    if not path.is_file():
-        raise FileNotFoundError(f"token set '{path}' not found: run the calibration stage (dvc repro)")
-    return torch.load(path)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 
 from pipeline.config import Params
-from pipeline.stage import section_dicts
+from pipeline.run.stage import section_dicts
 
 STRUCTURE_PNG = "layer_structure.png"
 

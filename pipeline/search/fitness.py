@@ -15,9 +15,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from pipeline.modeling import device_of
-from pipeline.train import kl_per_token
-
+from pipeline.run.distributed import device_of
+from pipeline.train import kl_per_token, next_token_loss
 
 
 @dataclass
@@ -77,7 +76,7 @@ def fitness(model, sequences: torch.Tensor, teacher: Teacher, batch_size: int) -
         batch, target = sequences[rows].to(device), teacher.subset(rows).to(device)
         logits = model(input_ids=batch).logits
         if teacher.kind == "ppl":
-            values = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch[:, 1:].flatten(), reduction="none")
+            values = next_token_loss(logits, batch, reduction="none")
         elif teacher.kind == "topk_kl":
             values = topk_kl_per_token(target.logprobs, target.index, logits)
         else:

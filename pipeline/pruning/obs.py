@@ -10,6 +10,8 @@ from dataclasses import dataclass
 
 import torch
 
+from pipeline.model.structure import unit_indices
+
 
 @dataclass
 class Snapshot:
@@ -33,10 +35,6 @@ def prepare_hessian(hessian: torch.Tensor, damp: float) -> torch.Tensor:
 def removal_counts(units: int, levels: int) -> list[int]:
     """Units removed at each level k = 0..K: round(k/K * units) (level K removes the whole module)."""
     return [round(k * units / levels) for k in range(levels + 1)]
-
-
-def column_indices(units: torch.Tensor, unit_size: int) -> torch.Tensor:
-    return (units[:, None] * unit_size + torch.arange(unit_size, device=units.device)).reshape(-1)
 
 
 # For single-column units, this many rank-1 downdates are kept as factors and applied together as one
@@ -138,7 +136,7 @@ class _Pruner:
     def kept(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(sorted indices of the alive units, W on their columns), W fully updated."""
         order = self._kept_order()
-        return self.units[order], self.wt[column_indices(order, self.g)].T.contiguous()
+        return self.units[order], self.wt[unit_indices(order, self.g)].T.contiguous()
 
 
 class _ColumnGroups(_Pruner):
