@@ -97,7 +97,8 @@ def test_kv_group_units_remove_whole_groups_and_shrink_the_kv_cache(tiny_model, 
 def test_corrupted_or_foreign_database_is_refused(tiny_model, tokens, tmp_path):
     from conftest import tiny_llama
 
-    from pipeline.pruning.database import DatabaseError, model_fingerprint
+    from pipeline.errors import DatabaseError
+    from pipeline.run.hashing import model_fingerprint
     structure = structure_of(tiny_model)
     build_database(tiny_model, structure, tokens, 4, 0.01, tmp_path, {
         "model": "tiny", "model_fingerprint": model_fingerprint(tiny_model)}, batch_size=6)
@@ -115,7 +116,7 @@ def test_corrupted_or_foreign_database_is_refused(tiny_model, tokens, tmp_path):
 
 
 def test_interrupted_database_build_resumes_to_identical_files(tiny_model, tokens, tmp_path):
-    from pipeline.run.outputs import file_sha256
+    from pipeline.run.hashing import file_sha256
     structure = structure_of(tiny_model)
     reference = build_database(tiny_model, structure, tokens, 4, 0.01, tmp_path / "ref", {}, batch_size=6)
 
