@@ -1,4 +1,4 @@
-"""Text sources -> documents -> token windows -> the disjoint token sets of DESIGN.md 2.1
+"""Text sources -> documents -> token windows -> the disjoint token sets of docs/method.md, section 1
 (calib, fitness, train from `data.train`; eval from `data.eval`).
 
 The validate stage counts tokens with the same functions the calibration stage tokenizes with

@@ -1,4 +1,4 @@
-"""Stage search: the evolutionary search for per-module levels (DESIGN.md 2.3). Checkpoints every
+"""Stage search: the evolutionary search for per-module levels (docs/method.md, section 3). Checkpoints every
 generation (outside DVC's outputs) and resumes an interrupted search of the same inputs."""
 import dataclasses
 

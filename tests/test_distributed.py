@@ -41,6 +41,8 @@ def test_two_processes_build_the_same_database(single_db, tmp_path):
                 units_1, weight_1 = one.level_weight(layer, module, level)
                 units_2, weight_2 = two.level_weight(layer, module, level)
                 assert torch.equal(units_1, units_2), (layer, module, level)
+                # Hessians summed over two shards in float64, then OBS: agreement to float64 round-off,
+                # stored in the model's float32 (1.2e-7 relative); 1e-5 bounds the float32 Hessian inputs.
                 torch.testing.assert_close(weight_2, weight_1, rtol=1e-5, atol=1e-6)
     for module in ("attn", "mlp"):
         for got, want in zip(two.manifest["obs_loss"][module], one.manifest["obs_loss"][module]):
@@ -53,8 +55,12 @@ def test_two_processes_find_the_same_levels(single_db, tmp_path):
     torchrun("search", tmp_path)
     for rank in range(2):
         got = json.loads((tmp_path / f"search.rank{rank}.json").read_text())
-        assert got["levels"] == reference["levels"]
-        assert got["fitness"] == pytest.approx(reference["fitness"], rel=1e-9)
+        assert got["levels"] == reference["levels"]  # the same choices: exact
+        # The same float32 forward passes, but each process runs them with its own thread count, so
+        # matmul sums are added in another order: a few float32 ulps (1.2e-7) per op through the blocks.
+        # 1e-6 relative was seen on one CPU; 1e-5 leaves room without hiding a wrong candidate's score,
+        # which differs by far more (percents).
+        assert got["fitness"] == pytest.approx(reference["fitness"], rel=1e-5)
 
 
 @pytest.mark.parametrize("mode", ["ddp", "fsdp", "fsdp_resumed"])

@@ -8,7 +8,7 @@ from pipeline.pruning.obs import Snapshot, greedy_obs, prepare_hessian, removal_
 
 
 def reference_greedy_obs(weight, hessian, unit_size, counts):
-    """The straightforward algorithm of DESIGN.md 2.2, as `greedy_obs` first implemented it: every removal
+    """The straightforward algorithm of docs/method.md (section 2), as `greedy_obs` first implemented it: every removal
     downdates the full-size Hinv and W, removed columns stay in place. `greedy_obs` must agree with it."""
     g = unit_size
     n_units = weight.shape[1] // g

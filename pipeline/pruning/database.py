@@ -1,4 +1,4 @@
-"""The layer database (DESIGN.md 2.2): Hessians of the output projections' inputs over the
+"""The layer database (docs/method.md, section 2): Hessians of the output projections' inputs over the
 calibration set, structured OBS per (layer, module), and compact storage of every level.
 
 On disk: `manifest.json` plus one `layer_NNN.{attn,mlp}.safetensors` per (layer, module) holding,

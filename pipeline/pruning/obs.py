@@ -1,5 +1,5 @@
 """Structured Optimal Brain Surgeon: greedy removal of column groups ("units") of a linear layer's
-weight with the optimal least-squares correction of the remaining columns (DESIGN.md 2.2).
+weight with the optimal least-squares correction of the remaining columns (docs/method.md, section 2).
 
 Pure tensor math, no model or I/O. W has shape (out, in); H = X^T X / N over the layer's inputs X
 (N x in). Unit u owns the columns u*g .. u*g+g-1 (g = unit_size).

@@ -1,4 +1,4 @@
-"""Evolutionary search over per-module levels (DESIGN.md 2.3): level-switch mutation, multi-step
+"""Evolutionary search over per-module levels (docs/method.md, section 3): level-switch mutation, multi-step
 selection with fitness against the dense model, optional training-aware selection, elitism, a fixed
 budget (level sums per module type, or a total parameter count), and a checkpoint every generation
 so an interrupted search resumes and ends with the same result.
