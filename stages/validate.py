@@ -11,7 +11,13 @@ from pathlib import Path
 
 from pipeline.config import load_params
 from pipeline.errors import UserError
-from pipeline.model.resolve import check_compute, check_params_against_model, check_real_model, corpus_fingerprint
+from pipeline.model.resolve import (
+    check_compute,
+    check_optional_packages,
+    check_params_against_model,
+    check_real_model,
+    corpus_fingerprint,
+)
 from pipeline.run.hashing import inputs_key
 from pipeline.run.outputs import write_json
 
@@ -25,6 +31,7 @@ if __name__ == "__main__":
     try:
         params = load_params("params.yaml")
         check_compute(params)
+        check_optional_packages(params)
         corpus = {name: corpus_fingerprint(getattr(params.data, name)) for name in ("train", "eval")}
         key = inputs_key({"params": dataclasses.asdict(params), "corpus": corpus})
         if params.is_demo:

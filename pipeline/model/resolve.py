@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 from pathlib import Path
 
 import torch
@@ -74,6 +75,13 @@ def corpus_fingerprint(source: TextSource) -> str | dict:
     if files == ["demo"]:
         return "demo"
     return {f: file_sha256(Path(f)) for f in files}
+
+
+def check_optional_packages(params: Params) -> None:
+    """lm-evaluation-harness is installed only where it is used (requirements-eval.txt)."""
+    if params.evaluate.lm_eval_tasks and importlib.util.find_spec("lm_eval") is None:
+        raise ConfigError("evaluate.lm_eval_tasks is set but lm-evaluation-harness is not installed: "
+                          "pip install -r requirements-eval.txt (or set evaluate.lm_eval_tasks: [])")
 
 
 def check_compute(params: Params) -> None:
