@@ -22,7 +22,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pipeline.database import Database, build_database  # noqa: E402
 from pipeline.fitness import fitness, teacher_targets  # noqa: E402
-from pipeline.modeling import MODULE_TYPES, masked_weight, materialize, output_projection, structure_of  # noqa: E402
+from pipeline.model.materialize import materialize  # noqa: E402
+from pipeline.modeling import MODULE_TYPES, masked_weight, output_projection, structure_of  # noqa: E402
 from pipeline.obs import column_indices  # noqa: E402
 from pipeline.search import LevelSwapper, mutate, uniform_levels  # noqa: E402
 from pipeline.train import train_causal_lm  # noqa: E402

@@ -22,7 +22,8 @@ from pipeline.config import SearchParams, SelectionStage
 from pipeline.database import Database
 from pipeline.distributed import SINGLE, Group
 from pipeline.fitness import Teacher, fitness
-from pipeline.modeling import MODULE_TYPES, masked_weight, materialize, output_projection
+from pipeline.model.materialize import materialize
+from pipeline.modeling import MODULE_TYPES, masked_weight, output_projection
 from pipeline.obs import column_indices
 from pipeline.outputs import write_text
 from pipeline.train import train_causal_lm

@@ -5,7 +5,8 @@ from pipeline import tracking
 from pipeline.database import Database
 from pipeline.evaluate import perplexity
 from pipeline.export import load_pruned
-from pipeline.modeling import count_params, load_dense, materialize
+from pipeline.model.materialize import materialize
+from pipeline.modeling import count_params, load_dense
 from pipeline.outputs import DATABASE, MODELS, levels_path, metrics_path, read_json
 from pipeline.lm_eval_tasks import run_lm_eval
 from pipeline.plots import layer_structure
@@ -36,8 +37,8 @@ def main(params, say, group):
         finetuned = finetuned_models[name] = load_pruned(MODELS[name]).to(group.device)
         ppl[f"{name}_finetuned"] = perplexity(finetuned, eval_tokens, batch)
         sizes[name] = count_params(finetuned)
-        structures[name] = {"heads": [len(h) for h in finetuned.config.layer_q_heads],
-                            "neurons": list(finetuned.config.layer_intermediate_sizes)}
+        structures[name] = {"heads": [len(r["q_heads"]) for r in finetuned.config.layers],
+                            "neurons": [r["mlp"] for r in finetuned.config.layers]}
         say(f"{name}: one-shot {ppl[f'{name}_oneshot']:.3f}, finetuned {ppl[f'{name}_finetuned']:.3f}, "
             f"{sizes[name]:,} parameters")
     speed = _speeds(params.evaluate, {"dense": dense, "searched": finetuned_models["searched"],

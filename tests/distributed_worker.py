@@ -14,7 +14,8 @@ from pipeline import distributed  # noqa: E402
 from pipeline.config import SearchParams, SelectionStage  # noqa: E402
 from pipeline.database import Database, build_database  # noqa: E402
 from pipeline.fitness import teacher_targets  # noqa: E402
-from pipeline.modeling import materialize, structure_of  # noqa: E402
+from pipeline.model.materialize import materialize  # noqa: E402
+from pipeline.modeling import structure_of  # noqa: E402
 from pipeline.search import LevelSwapper, evolve, uniform_levels  # noqa: E402
 from pipeline.train import full_state_dict, train_causal_lm  # noqa: E402
 

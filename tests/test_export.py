@@ -19,7 +19,8 @@ from pipeline.database import Database, build_database
 from pipeline.fitness import teacher_targets
 from pipeline.demo import train_tokenizer
 from pipeline.export import save_pruned
-from pipeline.modeling import ATTN, MLP, materialize, structure_of
+from pipeline.model.materialize import materialize
+from pipeline.modeling import ATTN, MLP, structure_of
 from pipeline.search import LevelSwapper, evolve
 
 FAMILIES = ["llama", "llama_mha", "mistral", "qwen2", "qwen3"]

@@ -11,7 +11,8 @@ from pipeline.database import Database, build_database
 from pipeline.demo import train_tokenizer
 from pipeline.export import load_pruned, save_pruned
 from pipeline.lm_eval_tasks import run_lm_eval
-from pipeline.modeling import materialize, structure_of
+from pipeline.model.materialize import materialize
+from pipeline.modeling import structure_of
 
 pytest.importorskip("lm_eval")
 WORDS = "the cat sat on a mat and dog ran to big red house".split()

@@ -6,7 +6,8 @@ import torch
 
 from pipeline.database import Database, build_database, module_file
 from conftest import masked_copy as _masked_copy
-from pipeline.modeling import ATTN, MLP, ModelStructureError, materialize, structure_of
+from pipeline.model.materialize import materialize
+from pipeline.modeling import ATTN, MLP, ModelStructureError, structure_of
 
 
 @pytest.fixture

@@ -8,7 +8,8 @@ from pipeline.config import DataParams, ModelParams, SearchParams, SelectionStag
 from pipeline.data import eval_set, read_documents, split_train_sets, token_stream
 from pipeline.database import Database, build_database
 from pipeline.evaluate import perplexity
-from pipeline.modeling import ATTN, MLP, load_dense, materialize, output_projection, structure_of
+from pipeline.model.materialize import materialize
+from pipeline.modeling import ATTN, MLP, load_dense, output_projection, structure_of
 from pipeline.resolve import describe_model
 from pipeline.fitness import fitness, teacher_targets
 from pipeline.search import LevelSwapper, evolve, uniform_levels
