@@ -238,8 +238,8 @@ class PrunedLlamaPreTrainedModel(LlamaPreTrainedModel):
     config_class = PrunedLlamaConfig
     _no_split_modules = ["PrunedDecoderLayer"]
     _can_record_outputs = {"hidden_states": PrunedDecoderLayer, "attentions": PrunedAttention}
-    # Exports made before per-layer records stored zero-width weights for removed modules.
-    _keys_to_ignore_on_load_unexpected = [r"\.self_attn\.[qkvo]_proj\.(weight|bias)$",
+    # Exports made before per-layer records stored (zero-width) weights and q/k norms of removed modules.
+    _keys_to_ignore_on_load_unexpected = [r"\.self_attn\.([qkvo]_proj\.(weight|bias)|[qk]_norm\.weight)$",
                                           r"\.mlp\.(gate|up|down)_proj\.(weight|bias)$"]
 
 
