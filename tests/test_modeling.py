@@ -186,7 +186,12 @@ def test_removed_modules_hold_no_parameters(tiny_model, database, tokens):
     assert isinstance(pruned.model.layers[1].mlp, RemovedMLP)
     assert list(pruned.model.layers[0].self_attn.parameters()) == []
     assert list(pruned.model.layers[1].mlp.parameters()) == []
-    assert all(p.numel() > 0 for p in pruned.parameters())
+    assert list(pruned.model.layers[0].input_layernorm.parameters()) == []  # it would feed nothing
+    assert list(pruned.model.layers[1].post_attention_layernorm.parameters()) == []
+    pruned.train()
+    pruned(tokens[:2]).logits.sum().backward()
+    assert all(p.numel() > 0 and p.grad is not None for p in pruned.parameters())  # DDP needs no special case
+    pruned.eval()
     prompt = tokens[:1, :5]
     assert torch.equal(pruned.generate(prompt, max_new_tokens=6, do_sample=False, use_cache=True),
                        pruned.generate(prompt, max_new_tokens=6, do_sample=False, use_cache=False))

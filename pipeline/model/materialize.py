@@ -65,11 +65,10 @@ def materialize(dense_model, structure: Structure, level_weights: dict) -> Prune
     same(pruned.norm, dense.norm)
     d = structure.head_dim
     for i, (layer, source) in enumerate(zip(pruned.layers, dense.layers)):
-        same(layer.input_layernorm, source.input_layernorm)
-        same(layer.post_attention_layernorm, source.post_attention_layernorm)
         attn, dense_attn = layer.self_attn, source.self_attn
         q_units, o_weight = level_weights[(i, ATTN)]
         if config.layers[i]["q_heads"]:
+            same(layer.input_layernorm, source.input_layernorm)
             q_rows = _unit_rows(torch.as_tensor(q_units), d)
             kv_rows = _unit_rows(torch.tensor(config.layers[i]["kv_heads"], dtype=torch.long), d)
             for proj, rows in (("q_proj", q_rows), ("k_proj", kv_rows), ("v_proj", kv_rows)):
@@ -84,6 +83,7 @@ def materialize(dense_model, structure: Structure, level_weights: dict) -> Prune
         mlp, dense_mlp = layer.mlp, source.mlp
         neurons, down_weight = level_weights[(i, MLP)]
         if config.layers[i]["mlp"]:
+            same(layer.post_attention_layernorm, source.post_attention_layernorm)
             neurons = torch.as_tensor(neurons, dtype=torch.long)
             for proj in ("gate_proj", "up_proj"):
                 for name, param in getattr(dense_mlp, proj).named_parameters():

@@ -11,8 +11,9 @@ key/value heads, and the kept MLP width,
 
 (no query heads: the attention is removed; "mlp": 0: the MLP is removed). Each decoder layer is
 built from its record. Query head q uses the kept key/value head that held q's original group,
-so GQA groups may shrink unevenly. A removed attention or MLP holds no parameters (only the
-constant output bias where the family has one). The same blocks serve Llama, Mistral, Qwen2
+so GQA groups may shrink unevenly. A removed attention or MLP holds no parameters, nor does its
+input norm (only the constant output bias where the family has one), so every parameter gets a
+gradient (DDP/FSDP need no special cases). The same blocks serve Llama, Mistral, Qwen2
 (biases on q/k/v only: `qkv_bias`) and Qwen3 (per-head RMSNorm of queries and keys: `qk_norm`).
 """
 from __future__ import annotations
@@ -219,8 +220,11 @@ class PrunedDecoderLayer(GradientCheckpointingLayer):
         self.self_attn = (PrunedAttention(config, layer_idx) if record["q_heads"]
                           else RemovedAttention(config, layer_idx))
         self.mlp = PrunedMLP(config, layer_idx) if record["mlp"] else RemovedMLP(config)
-        self.input_layernorm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.post_attention_layernorm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        # A removed module's input norm would feed nothing (and get no gradient): none is built.
+        self.input_layernorm = (LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps) if record["q_heads"]
+                                else nn.Identity())
+        self.post_attention_layernorm = (LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps) if record["mlp"]
+                                         else nn.Identity())
 
     def forward(self, hidden_states, attention_mask=None, position_ids=None, cache=None, use_cache=False,
                 position_embeddings=None, **kwargs):
@@ -238,9 +242,10 @@ class PrunedLlamaPreTrainedModel(LlamaPreTrainedModel):
     config_class = PrunedLlamaConfig
     _no_split_modules = ["PrunedDecoderLayer"]
     _can_record_outputs = {"hidden_states": PrunedDecoderLayer, "attentions": PrunedAttention}
-    # Exports made before per-layer records stored (zero-width) weights and q/k norms of removed modules.
+    # Exports made before per-layer records stored (zero-width) weights and norms of removed modules.
     _keys_to_ignore_on_load_unexpected = [r"\.self_attn\.([qkvo]_proj\.(weight|bias)|[qk]_norm\.weight)$",
-                                          r"\.mlp\.(gate|up|down)_proj\.(weight|bias)$"]
+                                          r"\.mlp\.(gate|up|down)_proj\.(weight|bias)$",
+                                          r"\.(input|post_attention)_layernorm\.weight$"]
 
 
 class PrunedLlamaModel(PrunedLlamaPreTrainedModel):
