@@ -23,8 +23,8 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pipeline.evaluate import measure_speed  # noqa: E402
+from pipeline.model.pruned_llama import PrunedLlamaConfig, PrunedLlamaForCausalLM, layer_record  # noqa: E402
 from pipeline.model.structure import count_params  # noqa: E402
-from pipeline.pruned_llama import PrunedLlamaConfig, PrunedLlamaForCausalLM  # noqa: E402
 
 SHAPES = {
     "llama-3.1-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
@@ -48,8 +48,8 @@ def random_pair(shape: str, layers: int | None, target: float, dtype, kv_group: 
     n = kw["num_hidden_layers"]
     torch.manual_seed(0)
     dense = LlamaForCausalLM(LlamaConfig(**kw)).to(dtype).eval()
-    pruned = PrunedLlamaForCausalLM(PrunedLlamaConfig(**kw, layer_q_heads=[q_heads] * n, layer_kv_heads=[kv_heads] * n,
-                                                      layer_intermediate_sizes=[round(inter * (1 - target))] * n))
+    record = layer_record(q_heads, kv_heads, round(inter * (1 - target)))
+    pruned = PrunedLlamaForCausalLM(PrunedLlamaConfig(**kw, layers=[record] * n))
     return dense, pruned.to(dtype).eval()
 
 

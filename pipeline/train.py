@@ -101,16 +101,12 @@ def _parallel(model, group: Group, fsdp: bool):
         return model
     if fsdp:
         from torch.distributed.fsdp import fully_shard
-        # Empty weights of removed modules stay unsharded (FSDP cannot gather a shard of nothing).
-        empty = {p for p in model.parameters() if p.numel() == 0}
         for block in model.model.layers:
-            fully_shard(block, ignored_params=empty)
-        return fully_shard(model, ignored_params=empty)
+            fully_shard(block)
+        return fully_shard(model)
     from torch.nn.parallel import DistributedDataParallel
-    # A module pruned away entirely (level K) leaves parameters that never get a gradient.
-    removed_modules = any(p.numel() == 0 for p in model.parameters())
-    return DistributedDataParallel(model, device_ids=[group.device] if group.device.type == "cuda" else None,
-                                   find_unused_parameters=removed_modules)
+    # Removed attention/MLP modules hold no parameters: every parameter gets a gradient.
+    return DistributedDataParallel(model, device_ids=[group.device] if group.device.type == "cuda" else None)
 
 
 def _mean_over_ranks(values: dict[str, float], group: Group) -> dict[str, float]:

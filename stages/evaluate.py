@@ -5,7 +5,8 @@ from pipeline import tracking
 from pipeline.data import load_tokens
 from pipeline.evaluate import measure_speed, perplexity, run_lm_eval
 from pipeline.model.export import load_pruned
-from pipeline.model.structure import count_params, dense_source, materialize
+from pipeline.model.materialize import materialize
+from pipeline.model.structure import count_params, dense_source
 from pipeline.pruning.database import open_with_dense_model
 from pipeline.run.outputs import MODELS, levels_path, metrics_path, read_json
 from pipeline.run.plots import layer_structure
@@ -32,8 +33,8 @@ def main(params, say, group):
         finetuned = finetuned_models[name] = load_pruned(MODELS[name]).to(group.device)
         ppl[f"{name}_finetuned"] = perplexity(finetuned, eval_tokens, batch)
         sizes[name] = count_params(finetuned)
-        structures[name] = {"heads": [len(h) for h in finetuned.config.layer_q_heads],
-                            "neurons": list(finetuned.config.layer_intermediate_sizes)}
+        structures[name] = {"heads": [len(r["q_heads"]) for r in finetuned.config.layers],
+                            "neurons": [r["mlp"] for r in finetuned.config.layers]}
         say(f"{name}: one-shot {ppl[f'{name}_oneshot']:.3f}, finetuned {ppl[f'{name}_finetuned']:.3f}, "
             f"{sizes[name]:,} parameters")
     speed = _speeds(params.evaluate, {"dense": dense, "searched": finetuned_models["searched"],

@@ -10,7 +10,8 @@ from pipeline.data import load_tokens
 from pipeline.evaluate import perplexity
 from pipeline.model.card import STRUCTURE_PNG, model_card
 from pipeline.model.export import save_pruned
-from pipeline.model.structure import count_params, materialize
+from pipeline.model.materialize import materialize
+from pipeline.model.structure import count_params
 from pipeline.pruning.database import MANIFEST, open_with_dense_model
 from pipeline.run.hashing import inputs_key
 from pipeline.run.outputs import (
@@ -78,13 +79,13 @@ def main(name, params, say, group):
     say(f"eval perplexity: dense {results['dense']:.3f}, one-shot {oneshot_ppl:.3f}, "
         f"trained {results['pruned and trained']:.3f}")
     out = MODELS[name]
-    shape = {"q": model.config.layer_q_heads, "kv": model.config.layer_kv_heads,
-             "neurons": model.config.layer_intermediate_sizes}
+    layers = model.config.layers
+    shape = {"q": [r["q_heads"] for r in layers], "kv": [r["kv_heads"] for r in layers],
+             "neurons": [r["mlp"] for r in layers]}
     card = model_card(params, name, levels, count_params(dense), count_params(model), results, shape)
     with atomic_dir(out) as tmp:
         save_pruned(model, tokenizer, tmp, card)
-        structure = {name: {"heads": [len(h) for h in model.config.layer_q_heads],
-                            "neurons": list(model.config.layer_intermediate_sizes)}}
+        structure = {name: {"heads": [len(q) for q in shape["q"]], "neurons": shape["neurons"]}}
         layer_structure(structure, db.structure.num_heads, db.structure.intermediate_size).savefig(
             tmp / STRUCTURE_PNG, dpi=100)
     write_text(PLOTS / f"finetune_{name}_loss.csv", pd.DataFrame({"step": range(1, len(losses) + 1),

@@ -12,7 +12,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from conftest import tiny_llama  # noqa: E402
 
 from pipeline.config import SearchParams, SelectionStage  # noqa: E402
-from pipeline.model.structure import materialize, structure_of  # noqa: E402
+from pipeline.model.materialize import materialize  # noqa: E402
+from pipeline.model.structure import structure_of  # noqa: E402
 from pipeline.pruning.database import Database, build_database  # noqa: E402
 from pipeline.run import distributed  # noqa: E402
 from pipeline.search.evolution import LevelSwapper, evolve, uniform_levels  # noqa: E402

@@ -17,7 +17,8 @@ from conftest import tiny_family
 from pipeline.config import SearchParams, SelectionStage
 from pipeline.model.demo import train_tokenizer
 from pipeline.model.export import save_pruned
-from pipeline.model.structure import ATTN, MLP, materialize, structure_of
+from pipeline.model.materialize import materialize
+from pipeline.model.structure import ATTN, MLP, structure_of
 from pipeline.pruning.database import Database, build_database
 from pipeline.search.evolution import LevelSwapper, evolve
 from pipeline.search.fitness import teacher_targets
@@ -70,7 +71,7 @@ def test_exported_folder_loads_without_this_project(family, tokenizer, tokens, t
     save_pruned(pruned, tokenizer, folder, "# card\n")
     config = json.loads((folder / "config.json").read_text())
     assert config["auto_map"]["AutoModelForCausalLM"] == "pruned_llama.PrunedLlamaForCausalLM"
-    assert [len(h) for h in config["layer_q_heads"]] == [3, 0] and config["layer_intermediate_sizes"][1] == 24
+    assert [len(r["q_heads"]) for r in config["layers"]] == [3, 0] and config["layers"][1]["mlp"] == 24
     torch.save(tokens, tmp_path / "tokens.pt")
     env = {"PATH": os.environ["PATH"], "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}
     result = subprocess.run([sys.executable, "-I", "-c", CLEAN_LOAD, str(folder), str(tmp_path / "tokens.pt"),
@@ -82,3 +83,27 @@ def test_exported_folder_loads_without_this_project(family, tokenizer, tokens, t
     assert torch.equal(out["with_cache"], out["without"])
     torch.testing.assert_close(out["resaved"], out["logits"])
     assert out["tokenizer"] == len(tokenizer)
+
+
+def test_folder_with_the_old_per_layer_lists_loads(tokenizer, tokens, tmp_path):
+    """Folders exported before the per-layer records: three parallel lists in config.json and
+    zero-width weights for removed modules."""
+    from pipeline.model.export import load_pruned
+    from pipeline.model.pruned_llama import PrunedLlamaConfig
+    model = tiny_family("qwen3")
+    structure = structure_of(model)
+    build_database(model, structure, tokens, 4, 0.01, tmp_path / "db", {}, batch_size=6)
+    pruned = materialize(model, structure, Database(tmp_path / "db").weights_for({ATTN: [1, 4], MLP: [4, 2]}))
+    save_pruned(pruned, tokenizer, tmp_path / "pruned", "# card\n")
+    config_file = tmp_path / "pruned" / "config.json"
+    config = json.loads(config_file.read_text())
+    layers = config.pop("layers")
+    config.update(layer_q_heads=[r["q_heads"] for r in layers], layer_kv_heads=[r["kv_heads"] for r in layers],
+                  layer_intermediate_sizes=[r["mlp"] for r in layers])
+    config_file.write_text(json.dumps(config))
+    old = PrunedLlamaConfig.from_pretrained(tmp_path / "pruned")
+    assert old.layers == layers and not hasattr(old, "layer_q_heads")
+    assert "layer_q_heads" not in old.to_json_string()
+    loaded = load_pruned(tmp_path / "pruned")
+    with torch.no_grad():
+        assert torch.equal(loaded(tokens).logits, pruned(tokens).logits)

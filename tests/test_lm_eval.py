@@ -10,7 +10,8 @@ from conftest import tiny_family
 from pipeline.evaluate import run_lm_eval
 from pipeline.model.demo import train_tokenizer
 from pipeline.model.export import load_pruned, save_pruned
-from pipeline.model.structure import materialize, structure_of
+from pipeline.model.materialize import materialize
+from pipeline.model.structure import structure_of
 from pipeline.pruning.database import Database, build_database
 
 pytest.importorskip("lm_eval")

@@ -4,7 +4,8 @@ import pytest
 import torch
 from conftest import masked_copy as _masked_copy
 
-from pipeline.model.structure import ATTN, MLP, ModelStructureError, materialize, structure_of
+from pipeline.model.materialize import materialize
+from pipeline.model.structure import ATTN, MLP, ModelStructureError, structure_of
 from pipeline.pruning.database import Database, build_database, module_file
 
 
@@ -34,17 +35,19 @@ def test_shrunk_model_equals_zeroed_dense_model(tiny_model, database, tokens, le
     assert not torch.allclose(pruned(tokens).logits, tiny_model(tokens).logits, atol=1e-3)
     for i, layer in enumerate(pruned.model.layers):
         kept_heads = database.kept_count(ATTN, levels[ATTN][i])
-        assert layer.self_attn.q_proj.out_features == kept_heads * 8
-        assert layer.mlp.down_proj.in_features == database.kept_count(MLP, levels[MLP][i])
+        assert layer.self_attn.num_heads == kept_heads == len(pruned.config.layers[i]["q_heads"])
+        if kept_heads:
+            assert layer.self_attn.q_proj.out_features == kept_heads * 8
+        assert layer.mlp.intermediate_size == database.kept_count(MLP, levels[MLP][i]) == pruned.config.layers[i]["mlp"]
 
 
 def test_orphaned_kv_heads_are_removed(tiny_model, database, tokens):
     levels = {ATTN: [2, 2, 2], MLP: [0, 0, 0]}  # 2 of 4 query heads left per layer
     pruned = materialize(tiny_model, database.structure, database.weights_for(levels))
     for i, layer in enumerate(pruned.model.layers):
-        q = pruned.config.layer_q_heads[i]
-        assert pruned.config.layer_kv_heads[i] == sorted({h // 2 for h in q})
-        assert layer.self_attn.k_proj.out_features == len(pruned.config.layer_kv_heads[i]) * 8
+        q, kv = pruned.config.layers[i]["q_heads"], pruned.config.layers[i]["kv_heads"]
+        assert kv == sorted({h // 2 for h in q})
+        assert layer.self_attn.k_proj.out_features == len(kv) * 8
 
 
 def test_model_without_llama_blocks_is_refused():
@@ -85,9 +88,11 @@ def test_kv_group_units_remove_whole_groups_and_shrink_the_kv_cache(tiny_model, 
     pruned = materialize(tiny_model, structure, db.weights_for(levels))
     torch.testing.assert_close(pruned(tokens).logits, _masked_copy(tiny_model, db, levels)(tokens).logits,
                                rtol=1e-5, atol=1e-5)
-    for layer, (q, kv) in enumerate(zip(pruned.config.layer_q_heads, pruned.config.layer_kv_heads)):
+    for layer, record in enumerate(pruned.config.layers):
+        q, kv = record["q_heads"], record["kv_heads"]
         assert len(q) == 2 * len(kv) and sorted({h // 2 for h in q}) == kv  # complete groups only
-        assert pruned.model.layers[layer].self_attn.num_key_value_groups in (1, 2)
+        if q:
+            assert pruned.model.layers[layer].self_attn.num_key_value_groups in (1, 2)
     assert pruned.model.layers[0].self_attn.k_proj.out_features == 8  # one kv head of 8 dims left
     neurons = db.level_weight(1, MLP, 1)[0]
     assert len(neurons) == 12 and all(int(b) % 4 == 0 for b in neurons[::4])  # blocks of 4 neurons
@@ -173,3 +178,44 @@ def test_block_by_block_hessians_equal_the_full_forward_ones(family, spill, toke
         for module in (ATTN, MLP):
             torch.testing.assert_close(got[module], reference[(layer, module)], rtol=1e-5, atol=1e-7)
     assert (tmp_path / "states.bin").is_file() == spill
+
+
+def test_removed_modules_hold_no_parameters(tiny_model, database, tokens):
+    from pipeline.model.pruned_llama import RemovedAttention, RemovedMLP
+    levels = {ATTN: [4, 1, 0], MLP: [0, 4, 2]}  # layer 0 without heads, layer 1 without neurons
+    pruned = materialize(tiny_model, database.structure, database.weights_for(levels))
+    assert isinstance(pruned.model.layers[0].self_attn, RemovedAttention)
+    assert isinstance(pruned.model.layers[1].mlp, RemovedMLP)
+    assert list(pruned.model.layers[0].self_attn.parameters()) == []
+    assert list(pruned.model.layers[1].mlp.parameters()) == []
+    assert list(pruned.model.layers[0].input_layernorm.parameters()) == []  # it would feed nothing
+    assert list(pruned.model.layers[1].post_attention_layernorm.parameters()) == []
+    pruned.train()
+    pruned(tokens[:2]).logits.sum().backward()
+    assert all(p.numel() > 0 and p.grad is not None for p in pruned.parameters())  # DDP needs no special case
+    pruned.eval()
+    prompt = tokens[:1, :5]
+    assert torch.equal(pruned.generate(prompt, max_new_tokens=6, do_sample=False, use_cache=True),
+                       pruned.generate(prompt, max_new_tokens=6, do_sample=False, use_cache=False))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_level_zero_equals_the_dense_model_exactly(dtype, tokens, tmp_path):
+    from conftest import tiny_llama
+    from transformers import AutoModelForCausalLM
+    tiny_llama().save_pretrained(tmp_path)
+    dense = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=dtype).eval()
+    rotary = dense.model.rotary_emb
+    assert rotary.inv_freq.dtype == torch.float32  # as Hugging Face loads half-precision models
+    structure = structure_of(dense)
+    everything = {}
+    for i, layer in enumerate(dense.model.layers):
+        everything[(i, ATTN)] = (torch.arange(structure.num_heads), layer.self_attn.o_proj.weight)
+        everything[(i, MLP)] = (torch.arange(structure.intermediate_size), layer.mlp.down_proj.weight)
+    pruned = materialize(dense, structure, everything)
+    assert {p.dtype for p in pruned.parameters()} == {dtype}
+    for name in ("inv_freq", "original_inv_freq"):
+        assert pruned.model.rotary_emb.get_buffer(name).dtype == torch.float32
+        assert torch.equal(pruned.model.rotary_emb.get_buffer(name), rotary.get_buffer(name))
+    with torch.no_grad():
+        assert torch.equal(pruned(tokens).logits, dense(tokens).logits)

@@ -7,8 +7,9 @@ from conftest import SHARED_DATA
 from pipeline.config import DataParams, ModelParams, SearchParams, SelectionStage
 from pipeline.data import eval_set, read_documents, split_train_sets, token_stream
 from pipeline.evaluate import perplexity
+from pipeline.model.materialize import materialize
 from pipeline.model.resolve import describe_model
-from pipeline.model.structure import ATTN, MLP, load_dense, materialize, output_projection, structure_of
+from pipeline.model.structure import ATTN, MLP, load_dense, output_projection, structure_of
 from pipeline.pruning.database import Database, build_database
 from pipeline.search.evolution import LevelSwapper, evolve, uniform_levels
 from pipeline.search.fitness import fitness, teacher_targets

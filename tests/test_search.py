@@ -178,7 +178,7 @@ def test_params_budget_trades_attention_for_mlp_within_tolerance(tiny_model, set
 
 
 def test_params_table_matches_materialized_models(tiny_model, setup):
-    from pipeline.model.structure import materialize
+    from pipeline.model.materialize import materialize
     db, _, _ = setup
     levels = {"attn": [1, 4, 3], "mlp": [2, 0, 4]}
     model = materialize(tiny_model, db.structure, db.weights_for(levels))

@@ -4,8 +4,8 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from pipeline import pruned_llama
-from pipeline.pruned_llama import PrunedLlamaForCausalLM
+from pipeline.model import pruned_llama
+from pipeline.model.pruned_llama import PrunedLlamaForCausalLM
 
 MODELING_FILE = "pruned_llama.py"
 AUTO_MAP = {"AutoConfig": "pruned_llama.PrunedLlamaConfig",

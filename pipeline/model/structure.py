@@ -1,6 +1,5 @@
-"""The dense model's prunable structure, loading, and turning per-module levels into models:
-a dense-shaped model with pruned columns zeroed (cheap level swaps for the search) or a
-physically smaller `PrunedLlamaForCausalLM` (for training, speed and export).
+"""The dense model's prunable structure, loading, and helpers for dense-shaped models with pruned
+columns zeroed (cheap level swaps for the search). Physically smaller models: `pipeline.model`.
 """
 from __future__ import annotations
 
@@ -9,10 +8,9 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from pipeline.errors import ModelStructureError
-from pipeline.pruned_llama import PrunedLlamaConfig, PrunedLlamaForCausalLM
 from pipeline.run.outputs import BASE_MODEL
 
 ATTN, MLP = "attn", "mlp"
@@ -127,84 +125,6 @@ def block_features(model) -> dict:
     attn = model.model.layers[0].self_attn
     return {"qkv_bias": attn.q_proj.bias is not None, "o_bias": attn.o_proj.bias is not None,
             "qk_norm": hasattr(attn, "q_norm") and hasattr(attn, "k_norm")}
-
-
-def pruned_config(dense_config, structure: Structure, kept: dict, families: dict) -> PrunedLlamaConfig:
-    """`kept[(layer, module)]` = kept unit indices (query heads or neurons)."""
-    values = dense_config.to_dict()
-    for key in ("architectures", "auto_map", "model_type", "transformers_version", "dtype", "torch_dtype"):
-        values.pop(key, None)
-    q_heads = [sorted(int(h) for h in kept[(i, ATTN)]) for i in range(structure.num_layers)]
-    values.update(
-        source_model_type=dense_config.model_type,
-        qkv_bias=families["qkv_bias"], qk_norm=families["qk_norm"], attention_bias=families["o_bias"],
-        head_dim=structure.head_dim,
-        layer_q_heads=q_heads,
-        layer_kv_heads=[structure.kv_heads_used(q) for q in q_heads],
-        layer_intermediate_sizes=[len(kept[(i, MLP)]) for i in range(structure.num_layers)])
-    config = PrunedLlamaConfig(**{k: v for k, v in values.items() if k in _config_fields()})
-    config.architectures = ["PrunedLlamaForCausalLM"]
-    return config
-
-
-def _config_fields() -> set[str]:
-    import dataclasses
-    return {f.name for f in dataclasses.fields(PrunedLlamaConfig)} | set(LlamaConfig().to_dict())
-
-
-@torch.no_grad()
-def materialize(dense_model, structure: Structure, level_weights: dict) -> PrunedLlamaForCausalLM:
-    """A physically smaller model: kept q/k/v/gate/up rows from the dense model, corrected
-    o_proj/down_proj columns from the database.
-
-    `level_weights[(layer, module)]` = (kept unit indices, corrected output weight on kept columns).
-    """
-    kept = {key: units for key, (units, _) in level_weights.items()}
-    config = pruned_config(dense_model.config, structure, kept, block_features(dense_model))
-    with torch.device("meta"):
-        model = PrunedLlamaForCausalLM(config)
-    first = next(dense_model.parameters())
-    model = model.to_empty(device=first.device).to(first.dtype)
-    state = {}
-    dense_state = dense_model.state_dict()
-    for name, tensor in dense_state.items():
-        if ".layers." not in name:
-            state[name] = tensor
-    d = structure.head_dim
-    for i in range(structure.num_layers):
-        prefix = f"model.layers.{i}."
-        for norm in ("input_layernorm.weight", "post_attention_layernorm.weight", "self_attn.q_norm.weight",
-                     "self_attn.k_norm.weight"):
-            if prefix + norm in dense_state:
-                state[prefix + norm] = dense_state[prefix + norm]
-        q_units, o_weight = level_weights[(i, ATTN)]
-        q_rows = unit_indices(torch.as_tensor(q_units), d)
-        kv_rows = unit_indices(torch.tensor(config.layer_kv_heads[i], dtype=torch.long), d)
-        attn = prefix + "self_attn."
-        for proj, rows in (("q_proj", q_rows), ("k_proj", kv_rows), ("v_proj", kv_rows)):
-            state[attn + proj + ".weight"] = dense_state[attn + proj + ".weight"][rows]
-            if attn + proj + ".bias" in dense_state:
-                state[attn + proj + ".bias"] = dense_state[attn + proj + ".bias"][rows]
-        state[attn + "o_proj.weight"] = o_weight
-        if attn + "o_proj.bias" in dense_state:
-            state[attn + "o_proj.bias"] = dense_state[attn + "o_proj.bias"]
-        neurons, down_weight = level_weights[(i, MLP)]
-        neurons = torch.as_tensor(neurons, dtype=torch.long)
-        mlp = prefix + "mlp."
-        for proj in ("gate_proj", "up_proj"):
-            state[mlp + proj + ".weight"] = dense_state[mlp + proj + ".weight"][neurons]
-        state[mlp + "down_proj.weight"] = down_weight
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [m for m in missing if not m.endswith("lm_head.weight") or not config.tie_word_embeddings]
-    if missing or unexpected:
-        raise RuntimeError(f"materialize: missing {missing}, unexpected {unexpected}")
-    if config.tie_word_embeddings:
-        model.tie_weights()
-    for name, buffer in dense_model.named_buffers():
-        if "rotary_emb" in name:
-            model.get_buffer(name).copy_(buffer)
-    model.eval()
-    return model
 
 
 def count_params(model) -> int:

@@ -19,7 +19,8 @@ from pathlib import Path
 import torch
 
 from pipeline.config import SearchParams, SelectionStage
-from pipeline.model.structure import MODULE_TYPES, masked_weight, materialize, output_projection, unit_indices
+from pipeline.model.materialize import materialize
+from pipeline.model.structure import MODULE_TYPES, masked_weight, output_projection, unit_indices
 from pipeline.pruning.database import Database
 from pipeline.run.distributed import SINGLE, Group
 from pipeline.run.outputs import write_text
