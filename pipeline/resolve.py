@@ -1,7 +1,6 @@
 """What a real `model.name_or_path` resolves to, checked without loading its weights."""
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 from pathlib import Path
 
@@ -80,7 +79,7 @@ def corpus_fingerprint(source: TextSource) -> str | dict:
     (so editing a corpus in place re-runs calibration), a dataset's spec, or the demo corpus (which
     the base stage's output already covers)."""
     if isinstance(source, DatasetSpec):
-        return dataclasses.asdict(source)
+        return source.model_dump()
     files = [source] if isinstance(source, str) else list(source)
     if files == ["demo"]:
         return "demo"
