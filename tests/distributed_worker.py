@@ -9,9 +9,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from conftest import tiny_llama  # noqa: E402
+from conftest import shipped, tiny_llama  # noqa: E402
 from pipeline import distributed  # noqa: E402
-from pipeline.config import SearchParams, SelectionStage  # noqa: E402
+from pipeline.config import SelectionStage  # noqa: E402
 from pipeline.database import Database, build_database  # noqa: E402
 from pipeline.fitness import teacher_targets  # noqa: E402
 from pipeline.modeling import materialize, structure_of  # noqa: E402
@@ -26,9 +26,9 @@ def tokens(n=12, seed=1):
 
 
 def search_params():
-    return SearchParams(target=0.5, generations=4, offspring=6, tas=True, train_lr=1e-3, batch_size=4, seed=3,
-                        schedule=(SelectionStage(survivors=3, fitness_tokens=64, train_tokens=32),
-                                  SelectionStage(survivors=1, fitness_tokens=128, train_tokens=64)))
+    return shipped("search", target=0.5, generations=4, offspring=6, tas=True, train_lr=1e-3, batch_size=4, seed=3,
+                   schedule=(SelectionStage(survivors=3, fitness_tokens=64, train_tokens=32),
+                             SelectionStage(survivors=1, fitness_tokens=128, train_tokens=64)))
 
 
 def build(out: Path, group):

@@ -5,8 +5,8 @@ import codecs
 import pytest
 import torch
 
-from conftest import byte_level_tokenizer
-from pipeline.config import ConfigError, DataParams, DatasetSpec
+from conftest import byte_level_tokenizer, shipped
+from pipeline.config import ConfigError, DatasetSpec
 from pipeline.data import (_PIECE_CHARS, _PIECE_LINES, CorpusError, check_corpus_budgets, check_enough_tokens,
                            count_tokens, eval_set, read_documents, split_train_sets, token_stream)
 
@@ -14,7 +14,7 @@ from pipeline.data import (_PIECE_CHARS, _PIECE_LINES, CorpusError, check_corpus
 def _params(**kw):
     base = dict(seq_len=8, calib_tokens=64, fitness_tokens=32, train_tokens=80, eval_tokens=16, seed=0)
     base.update(kw)
-    return DataParams(**base)
+    return shipped("data", **base)
 
 
 def test_train_sets_are_disjoint_windows_of_the_stream_and_seeded():
