@@ -15,7 +15,8 @@ import yaml
 from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Discriminator, Field, Strict, Tag,
                       ValidationError, model_validator)
 
-FITNESS_KINDS = ("kl", "topk_kl", "ppl")
+Fitness = Literal["kl", "topk_kl", "ppl"]
+FITNESS_KINDS = typing.get_args(Fitness)
 
 
 class ConfigError(ValueError):
@@ -30,9 +31,10 @@ def _number(value):  # YAML 1.1 reads "1e-5" (no dot) as a string
 
 
 def _given(what: str) -> AfterValidator:
-    def check(value: str) -> str:
-        if not value.strip():
-            raise ValueError(f"is empty: give {what}")
+    """Refuses a blank string or an empty list, saying what to give instead."""
+    def check(value):
+        if not (value.strip() if isinstance(value, str) else value):
+            raise ValueError(f"is {'empty' if isinstance(value, str) else 'an empty list'}: give {what}")
         return value
     return AfterValidator(check)
 
@@ -47,7 +49,7 @@ class Section(BaseModel):
 
 
 class ModelParams(Section):
-    name_or_path: Annotated[str, _given("'demo', a hub id or a local folder")]  # "demo", a Hugging Face hub id, or a local folder
+    name_or_path: Annotated[str, _given("'demo', a hub id or a local folder")]  # "demo", a hub id, or a local folder
     dtype: Literal["float32", "bfloat16", "float16"]  # weights dtype for loading a real model
     revision: str | None = None  # hub revision (branch, tag or commit)
 
@@ -87,18 +89,13 @@ class DatasetSpec(Section):
     max_documents: Pos | None = None  # read at most this many documents (streaming-friendly cap)
 
 
-def _filled(files: list[str]) -> list[str]:
-    if not files:
-        raise ValueError("is an empty list: give 'demo', a text file or a list of text files")
-    return files
-
-
 def _source_kind(value) -> str:
     return "<dataset>" if isinstance(value, (dict, DatasetSpec)) else "<files>" if isinstance(value, list) else "<file>"
 
 
 # "demo", a text file, a list of text files, or a mapping read as a DatasetSpec
-TextSource = Annotated[Union[Annotated[str, Tag("<file>")], Annotated[list[str], AfterValidator(_filled), Tag("<files>")],
+TextSource = Annotated[Union[Annotated[str, Tag("<file>")],
+                             Annotated[list[str], _given("'demo' or text files"), Tag("<files>")],
                              Annotated[DatasetSpec, Tag("<dataset>")]], Discriminator(_source_kind)]
 
 
@@ -126,7 +123,8 @@ class DatabaseParams(Section):
     damp: Annotated[Float, Field(ge=0, lt=1)]  # Hessian dampening, relative to mean(diag H)
     hessian_dtype: Literal["float32", "float64"]
     batch_size: Pos  # calibration sequences per forward pass
-    attn_unit: Literal["query", "kv_group"]  # query: single query heads | kv_group: a key/value head with its query heads
+    # query: single query heads | kv_group: a key/value head with its query heads
+    attn_unit: Literal["query", "kv_group"]
     mlp_unit: Pos  # neurons removed together (e.g. 64 or 128 for hardware-friendly widths)
 
 
@@ -145,10 +143,11 @@ class SearchParams(Section):
     tas: bool  # training-aware selection: train candidates on each stage's train_tokens first
     train_lr: PosFloat  # AdamW learning rate of that training (constant)
     train_batch_size: Pos  # sequences per step of that training
-    fitness: Literal["kl", "topk_kl", "ppl"]  # FITNESS_KINDS
+    fitness: Fitness  # kl | topk_kl | ppl
     topk: Pos  # tokens kept per position for topk_kl
-    budget: Literal["levels", "params"]  # levels: level sums fixed per module type; params: total size fixed, types trade
-    budget_tolerance: Annotated[Float, Field(gt=0, lt=0.5)]  # budget params: allowed size deviation, fraction of dense attention+MLP
+    budget: Literal["levels", "params"]  # levels: level sums fixed per module type | params: total size fixed
+    # budget params: allowed size deviation, fraction of dense attention+MLP
+    budget_tolerance: Annotated[Float, Field(gt=0, lt=0.5)]
     eval_every: NonNeg  # log the parent's eval perplexity every N generations (0 = never)
     batch_size: Pos  # sequences per forward pass when scoring fitness
     seed: int
@@ -156,7 +155,8 @@ class SearchParams(Section):
     @model_validator(mode="after")
     def _schedule_shrinks_to_one(self):
         if not self.schedule:
-            raise ConfigError("search.schedule is empty: give at least one stage {survivors, fitness_tokens, train_tokens}")
+            raise ConfigError("search.schedule is empty: give at least one stage "
+                              "{survivors, fitness_tokens, train_tokens}")
         previous = self.offspring
         for i, stage in enumerate(self.schedule):
             if stage.survivors > previous:
@@ -261,7 +261,7 @@ def load_params(path: str | os.PathLike = "params.yaml") -> Params:
 
 
 _EXPECTED = {"bool_type": "true or false", "int_type": "an integer", "float_type": "a number", "string_type": "a string",
-             "list_type": "a list", "tuple_type": "a list", "model_type": "a mapping of keys", "dict_type": "a mapping of keys"}
+             "list_type": "a list", "tuple_type": "a list", "model_type": "a mapping of keys"}
 _SIGNS = {"gt": ">", "ge": ">=", "lt": "<", "le": "<="}  # as in "must be > 0"; a range reads "0 < x <= 1"
 
 

@@ -13,13 +13,15 @@ def check_paths(params: Params) -> None:
     name = params.model.name_or_path
     if _looks_like_path(name) and not Path(name).is_dir():
         raise ConfigError(f"model.name_or_path: folder '{name}' does not exist "
-                          "(give 'demo', a Hugging Face hub id such as 'meta-llama/Llama-3.1-8B', or an existing folder)")
+                          "(give 'demo', a Hugging Face hub id such as 'meta-llama/Llama-3.1-8B', "
+                          "or an existing folder)")
     if Path(name).is_dir() and not (Path(name) / "config.json").is_file():
         raise ConfigError(f"model.name_or_path: folder '{name}' has no config.json "
                           "(it must be a Hugging Face model folder)")
     for key in ("train", "eval"):
         source = getattr(params.data, key)
-        files = [] if isinstance(source, DatasetSpec) or source == "demo" else [source] if isinstance(source, str) else source
+        files = [] if isinstance(source, DatasetSpec) or source == "demo" else [source] if isinstance(source, str) \
+            else source
         for f in files:
             if not Path(f).is_file():
                 raise ConfigError(f"data.{key}: text file '{f}' not found (give 'demo', existing text files, "
