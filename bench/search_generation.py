@@ -23,8 +23,9 @@ from pathlib import Path
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from pipeline.config import SearchParams, SelectionStage  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from pipeline.config import SearchParams, SelectionStage, load_params  # noqa: E402
 from pipeline.model.structure import structure_of  # noqa: E402
 from pipeline.pruning.database import Database, build_database  # noqa: E402
 from pipeline.run.distributed import SINGLE  # noqa: E402
@@ -88,12 +89,13 @@ def main():
         teacher = teacher_targets(model, fitness_set, 1, "topk_kl", 256)
         start = uniform_levels(a.target, db.levels, a.layers)
         swapper = LevelSwapper(model, db)
-        params = SearchParams(target=a.target, generations=1, offspring=16, schedule=scaled, tas=True,
-                              train_lr=1e-5, train_batch_size=1, fitness="topk_kl", batch_size=1, eval_every=0)
+        params = SearchParams.model_validate({**load_params(ROOT / "params.yaml").search.model_dump(), **dict(
+            target=a.target, generations=1, offspring=16, schedule=scaled, tas=True, train_lr=1e-5, train_batch_size=1,
+            fitness="topk_kl", batch_size=1, eval_every=0)})
         db.weights_for(start)  # read from disk once, outside the timing
         with_training = one_generation(swapper, start, params, fitness_set, teacher, train_set, device)
-        scoring_only = one_generation(swapper, start, replace(params, tas=False), fitness_set, teacher, train_set,
-                                      device)
+        scoring_only = one_generation(swapper, start, params.model_copy(update={"tas": False}), fitness_set, teacher,
+                                      train_set, device)
     train_tokens = sum(n * s.train_tokens for n, s in zip((16, 8, 4, 3), scaled))
     small = flops_per_token(a.hidden, a.intermediate, a.heads, a.kv_heads, a.layers, a.vocab)
     full = flops_per_token(**FULL_MODEL)

@@ -1,292 +1,235 @@
 """Typed params (params.yaml) with validation that names the key, the bad value and what is valid.
 
 Every stage loads the whole file through `load_params`, so a typo anywhere stops the run before
-any stage does work.
+any stage does work. params.yaml (and the presets in configs/) is the one source of values: only
+genuinely optional keys have defaults here. Checks that look at files are in pipeline/validate_paths.py.
 """
 from __future__ import annotations
 
-import dataclasses
 import os
-import types
 import typing
-from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Annotated, Literal
 
 import yaml
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Strict,
+    Tag,
+    ValidationError,
+    model_validator,
+)
 
 from pipeline.errors import ConfigError
 
-FITNESS_KINDS = ("kl", "topk_kl", "ppl")
+Fitness = Literal["kl", "topk_kl", "ppl"]
+FITNESS_KINDS = typing.get_args(Fitness)
 
 
-@dataclass(frozen=True)
-class ModelParams:
-    name_or_path: str = "demo"  # "demo", a Hugging Face hub id, or a local folder
-    dtype: str = "float32"  # weights dtype for loading a real model
+def _number(value):  # YAML 1.1 reads "1e-5" (no dot) as a string
+    try:
+        return float(value) if isinstance(value, str) else value
+    except ValueError:
+        return value
+
+
+def _given(what: str) -> AfterValidator:
+    """Refuses a blank string or an empty list, saying what to give instead."""
+    def check(value):
+        if not (value.strip() if isinstance(value, str) else value):
+            raise ValueError(f"is {'empty' if isinstance(value, str) else 'an empty list'}: give {what}")
+        return value
+    return AfterValidator(check)
+
+
+Float = Annotated[float, BeforeValidator(_number)]
+Pos, PosFloat, NonNeg = Annotated[int, Field(gt=0)], Annotated[Float, Field(gt=0)], Annotated[int, Field(ge=0)]
+
+
+class Section(BaseModel):
+    """Immutable, refuses unknown keys, and no type coercion (true is no integer, "yes" no bool)."""
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
+
+
+class ModelParams(Section):
+    name_or_path: Annotated[str, _given("'demo', a hub id or a local folder")]  # "demo", a hub id, or a local folder
+    dtype: Literal["float32", "bfloat16", "float16"]  # weights dtype for loading a real model
     revision: str | None = None  # hub revision (branch, tag or commit)
 
-    def check(self, key: str) -> None:
-        _one_of(f"{key}.dtype", self.dtype, ("float32", "bfloat16", "float16"))
-        if not self.name_or_path.strip():
-            raise ConfigError(f"{key}.name_or_path is empty: give 'demo', a hub id or a local folder")
-        if _looks_like_path(self.name_or_path) and not Path(self.name_or_path).is_dir():
-            raise ConfigError(
-                f"{key}.name_or_path: folder '{self.name_or_path}' does not exist "
-                "(give 'demo', a Hugging Face hub id such as 'meta-llama/Llama-3.1-8B', or an existing folder)")
-        if Path(self.name_or_path).is_dir() and not (Path(self.name_or_path) / "config.json").is_file():
-            raise ConfigError(f"{key}.name_or_path: folder '{self.name_or_path}' has no config.json "
-                              "(it must be a Hugging Face model folder)")
 
-
-@dataclass(frozen=True)
-class DemoParams:
+class DemoParams(Section):
     """The embedded default: a small GQA Llama pretrained on Python's standard library sources."""
-    corpus_bytes: int = 3_000_000  # bytes of stdlib source used for training text
-    eval_bytes: int = 400_000  # bytes of (other) stdlib files held out for evaluation
-    vocab_size: int = 2048
-    hidden_size: int = 128
-    num_layers: int = 4
-    num_heads: int = 8
-    num_kv_heads: int = 4
-    intermediate_size: int = 384
-    seq_len: int = 128
-    steps: int = 400
-    batch_size: int = 16
-    lr: float = 3e-3
-    seed: int = 0
+    corpus_bytes: Pos  # bytes of stdlib source used for training text
+    eval_bytes: Pos  # bytes of (other) stdlib files held out for evaluation
+    vocab_size: Annotated[int, Field(ge=260)]  # at least 256 bytes + specials
+    hidden_size: Pos
+    num_layers: Pos
+    num_heads: Pos
+    num_kv_heads: Pos
+    intermediate_size: Pos
+    seq_len: Pos
+    steps: Pos
+    batch_size: Pos
+    lr: PosFloat
+    seed: int
 
-    def check(self, key: str) -> None:
-        for name in ("corpus_bytes", "eval_bytes", "vocab_size", "hidden_size", "num_layers", "num_heads",
-                     "num_kv_heads", "intermediate_size", "seq_len", "steps", "batch_size"):
-            _positive(f"{key}.{name}", getattr(self, name))
-        _positive(f"{key}.lr", self.lr)
-        if self.hidden_size % self.num_heads:
-            raise ConfigError(f"{key}.hidden_size ({self.hidden_size}) must be divisible by "
-                              f"{key}.num_heads ({self.num_heads})")
-        if self.num_heads % self.num_kv_heads:
-            raise ConfigError(f"{key}.num_heads ({self.num_heads}) must be divisible by "
-                              f"{key}.num_kv_heads ({self.num_kv_heads})")
-        if self.vocab_size < 260:
-            raise ConfigError(f"{key}.vocab_size is {self.vocab_size}: at least 260 (256 bytes + specials)")
+    @model_validator(mode="after")
+    def _heads_divide(self):
+        for big, small in (("hidden_size", "num_heads"), ("num_heads", "num_kv_heads")):
+            if getattr(self, big) % getattr(self, small):
+                raise ConfigError(f"demo.{big} ({getattr(self, big)}) must be divisible by "
+                                  f"demo.{small} ({getattr(self, small)})")
+        return self
 
 
-@dataclass(frozen=True)
-class DatasetSpec:
+class DatasetSpec(Section):
     """A Hugging Face dataset: `datasets.load_dataset(path, name, split=split, data_files=data_files)[text_field]`."""
-    path: str
+    path: Annotated[str, _given("a hub dataset id or a local dataset folder")]
     name: str | None = None
     split: str = "train"
     text_field: str = "text"
     data_files: str | list[str] | None = None  # only these files of the dataset (e.g. one parquet shard)
-    max_documents: int | None = None  # read at most this many documents (streaming-friendly cap)
-
-    def check(self, key: str) -> None:
-        if not self.path.strip():
-            raise ConfigError(f"{key}.path is empty: give a hub dataset id or a local dataset folder")
-        if self.max_documents is not None:
-            _positive(f"{key}.max_documents", self.max_documents)
+    max_documents: Pos | None = None  # read at most this many documents (streaming-friendly cap)
 
 
-TextSource = typing.Union[str, list[str], DatasetSpec]
+def _source_kind(value) -> str:
+    return "<dataset>" if isinstance(value, (dict, DatasetSpec)) else "<files>" if isinstance(value, list) else "<file>"
 
 
-@dataclass(frozen=True)
-class DataParams:
-    train: TextSource = "demo"  # feeds calib, fitness and train token sets (disjoint)
-    eval: TextSource = "demo"  # held out: perplexity only
-    seq_len: int = 128
-    calib_tokens: int = 65_536
-    fitness_tokens: int = 16_384
-    train_tokens: int = 262_144
-    eval_tokens: int = 65_536
-    seed: int = 0
+# "demo", a text file, a list of text files, or a mapping read as a DatasetSpec
+TextSource = Annotated[Annotated[str, Tag("<file>")] | Annotated[list[str], _given("'demo' or text files"), Tag("<files>")] | Annotated[DatasetSpec, Tag("<dataset>")], Discriminator(_source_kind)]
 
-    def check(self, key: str) -> None:
-        for name in ("seq_len", "calib_tokens", "fitness_tokens", "train_tokens", "eval_tokens"):
-            _positive(f"{key}.{name}", getattr(self, name))
+
+class DataParams(Section):
+    train: TextSource  # feeds calib, fitness and train token sets (disjoint)
+    eval: TextSource  # held out: perplexity only
+    seq_len: Pos
+    calib_tokens: Pos
+    fitness_tokens: Pos
+    train_tokens: Pos
+    eval_tokens: Pos
+    seed: int
+
+    @model_validator(mode="after")
+    def _at_least_one_sequence(self):
         for name in ("calib_tokens", "fitness_tokens", "train_tokens", "eval_tokens"):
             if getattr(self, name) < self.seq_len:
-                raise ConfigError(f"{key}.{name} ({getattr(self, name)}) is less than one sequence "
-                                  f"({key}.seq_len = {self.seq_len})")
-        for name in ("train", "eval"):
-            _check_source(f"{key}.{name}", getattr(self, name))
+                raise ConfigError(f"data.{name} ({getattr(self, name)}) is less than one sequence "
+                                  f"(data.seq_len = {self.seq_len})")
+        return self
 
 
-@dataclass(frozen=True)
-class DatabaseParams:
-    levels: int = 10  # K: level k removes round(k/K * units) units of a module; K+1 levels in all
-    damp: float = 0.01  # Hessian dampening, relative to mean(diag H)
-    hessian_dtype: str = "float64"
-    batch_size: int = 8  # calibration sequences per forward pass
-    attn_unit: str = "query"  # query: single query heads | kv_group: a key/value head with its query heads
-    mlp_unit: int = 1  # neurons removed together (e.g. 64 or 128 for hardware-friendly widths)
-
-    def check(self, key: str) -> None:
-        if self.levels < 2:
-            raise ConfigError(f"{key}.levels is {self.levels}: at least 2 (levels 0..K, K >= 2)")
-        if not 0 <= self.damp < 1:
-            raise ConfigError(f"{key}.damp is {self.damp}: valid is 0 <= damp < 1 (0.01 is typical)")
-        _one_of(f"{key}.hessian_dtype", self.hessian_dtype, ("float32", "float64"))
-        _one_of(f"{key}.attn_unit", self.attn_unit, ("query", "kv_group"))
-        _positive(f"{key}.batch_size", self.batch_size)
-        _positive(f"{key}.mlp_unit", self.mlp_unit)
+class DatabaseParams(Section):
+    levels: Annotated[int, Field(ge=2)]  # K: level k removes round(k/K * units) units of a module; K+1 levels in all
+    damp: Annotated[Float, Field(ge=0, lt=1)]  # Hessian dampening, relative to mean(diag H)
+    hessian_dtype: Literal["float32", "float64"]
+    batch_size: Pos  # calibration sequences per forward pass
+    # query: single query heads | kv_group: a key/value head with its query heads
+    attn_unit: Literal["query", "kv_group"]
+    mlp_unit: Pos  # neurons removed together (e.g. 64 or 128 for hardware-friendly widths)
 
 
-@dataclass(frozen=True)
-class SelectionStage:
-    survivors: int
-    fitness_tokens: int
-    train_tokens: int = 0
-
-    def check(self, key: str) -> None:
-        _positive(f"{key}.survivors", self.survivors)
-        _positive(f"{key}.fitness_tokens", self.fitness_tokens)
-        if self.train_tokens < 0:
-            raise ConfigError(f"{key}.train_tokens is {self.train_tokens}: must be >= 0")
+class SelectionStage(Section):
+    survivors: Pos
+    fitness_tokens: Pos
+    train_tokens: NonNeg = 0
 
 
-@dataclass(frozen=True)
-class SearchParams:
-    target: float = 0.5  # fraction of attention+MLP parameters to remove, 0 < target < 1
-    generations: int = 40
-    offspring: int = 16
-    max_level_switches: int = 3  # mutation applies min(U{1..n}, U{1..n}) level switches
-    schedule: tuple[SelectionStage, ...] = (
-        SelectionStage(survivors=4, fitness_tokens=1024),
-        SelectionStage(survivors=2, fitness_tokens=2048),
-        SelectionStage(survivors=1, fitness_tokens=4096),
-    )
-    tas: bool = True  # training-aware selection: train candidates on each stage's train_tokens first
-    train_lr: float = 1e-5  # AdamW learning rate of that training (constant)
-    train_batch_size: int = 1  # sequences per step of that training
-    fitness: str = "kl"  # kl | topk_kl | ppl
-    topk: int = 256  # tokens kept per position for topk_kl
-    budget: str = "levels"  # levels: level sums fixed per module type; params: total size fixed, types trade
-    budget_tolerance: float = 0.005  # budget params: allowed size deviation, fraction of dense attention+MLP
-    eval_every: int = 10  # log the parent's eval perplexity every N generations (0 = never)
-    batch_size: int = 8  # sequences per forward pass when scoring fitness
-    seed: int = 0
+class SearchParams(Section):
+    target: Annotated[Float, Field(gt=0, lt=1)]  # fraction of attention+MLP parameters to remove, 0 < target < 1
+    generations: Pos
+    offspring: Pos
+    max_level_switches: Pos  # mutation applies min(U{1..n}, U{1..n}) level switches
+    schedule: Annotated[tuple[SelectionStage, ...], Strict(False)]  # survivors shrink stage by stage down to 1
+    tas: bool  # training-aware selection: train candidates on each stage's train_tokens first
+    train_lr: PosFloat  # AdamW learning rate of that training (constant)
+    train_batch_size: Pos  # sequences per step of that training
+    fitness: Fitness  # kl | topk_kl | ppl
+    topk: Pos  # tokens kept per position for topk_kl
+    budget: Literal["levels", "params"]  # levels: level sums fixed per module type | params: total size fixed
+    # budget params: allowed size deviation, fraction of dense attention+MLP
+    budget_tolerance: Annotated[Float, Field(gt=0, lt=0.5)]
+    eval_every: NonNeg  # log the parent's eval perplexity every N generations (0 = never)
+    batch_size: Pos  # sequences per forward pass when scoring fitness
+    seed: int
 
-    def check(self, key: str) -> None:
-        if not 0 < self.target < 1:
-            raise ConfigError(f"{key}.target is {self.target}: the fraction of attention+MLP parameters "
-                              "to remove must satisfy 0 < target < 1")
-        for name in ("generations", "offspring", "max_level_switches", "train_batch_size", "batch_size", "topk"):
-            _positive(f"{key}.{name}", getattr(self, name))
-        _positive(f"{key}.train_lr", self.train_lr)
-        _one_of(f"{key}.fitness", self.fitness, FITNESS_KINDS)
-        _one_of(f"{key}.budget", self.budget, ("levels", "params"))
-        if not 0 < self.budget_tolerance < 0.5:
-            raise ConfigError(f"{key}.budget_tolerance is {self.budget_tolerance}: valid is 0 < tolerance < 0.5")
-        if self.eval_every < 0:
-            raise ConfigError(f"{key}.eval_every is {self.eval_every}: must be >= 0 (0 = never)")
+    @model_validator(mode="after")
+    def _schedule_shrinks_to_one(self):
         if not self.schedule:
-            raise ConfigError(f"{key}.schedule is empty: give at least one stage "
+            raise ConfigError("search.schedule is empty: give at least one stage "
                               "{survivors, fitness_tokens, train_tokens}")
         previous = self.offspring
         for i, stage in enumerate(self.schedule):
-            stage.check(f"{key}.schedule[{i}]")
             if stage.survivors > previous:
-                raise ConfigError(f"{key}.schedule[{i}].survivors ({stage.survivors}) exceeds the candidates "
+                raise ConfigError(f"search.schedule[{i}].survivors ({stage.survivors}) exceeds the candidates "
                                   f"entering that stage ({previous}); survivors must shrink stage by stage")
             previous = stage.survivors
-        if self.schedule[-1].survivors != 1:
-            raise ConfigError(f"{key}.schedule[-1].survivors is {self.schedule[-1].survivors}: "
+        if previous != 1:
+            raise ConfigError(f"search.schedule[-1].survivors is {previous}: "
                               "the last stage must keep exactly 1 (the next parent)")
+        return self
 
 
-@dataclass(frozen=True)
-class FinetuneParams:
-    steps: int = 150
-    batch_size: int = 8
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    warmup_steps: int = 10
-    distill: float = 0.5  # weight of the KL(dense || pruned) term; 0 = causal-LM loss only
-    temperature: float = 1.0
-    checkpoint_every: int = 50  # steps between resumable checkpoints (0 = none)
-    seed: int = 0
-
-    def check(self, key: str) -> None:
-        if self.checkpoint_every < 0:
-            raise ConfigError(f"{key}.checkpoint_every is {self.checkpoint_every}: must be >= 0 (0 = no checkpoints)")
-        if self.steps < 0:
-            raise ConfigError(f"{key}.steps is {self.steps}: must be >= 0 (0 = no training)")
-        _positive(f"{key}.batch_size", self.batch_size)
-        _positive(f"{key}.lr", self.lr)
-        _positive(f"{key}.temperature", self.temperature)
-        if self.weight_decay < 0 or self.warmup_steps < 0:
-            raise ConfigError(f"{key}.weight_decay and {key}.warmup_steps must be >= 0")
-        if not 0 <= self.distill <= 1:
-            raise ConfigError(f"{key}.distill is {self.distill}: valid is 0 <= distill <= 1 "
-                              "(weight of distillation vs. causal-LM loss)")
+class FinetuneParams(Section):
+    steps: NonNeg  # 0 = no training
+    batch_size: Pos  # sequences per step, split over compute.nproc processes
+    lr: PosFloat
+    weight_decay: Annotated[Float, Field(ge=0)]
+    warmup_steps: NonNeg
+    distill: Annotated[Float, Field(ge=0, le=1)]  # weight of the KL(dense || pruned) term; 0 = causal-LM loss only
+    temperature: PosFloat
+    checkpoint_every: NonNeg  # steps between resumable checkpoints (0 = none)
+    seed: int
 
 
-@dataclass(frozen=True)
-class EvaluateParams:
-    batch_size: int = 8
-    speed: bool = True  # measure prefill / decode speed and memory of dense vs pruned models
-    speed_prompt_len: int = 128
-    speed_decode_tokens: int = 32
-    speed_batch_size: int = 1
-    speed_repeats: int = 5
-    lm_eval_tasks: list[str] = field(default_factory=list)  # lm-evaluation-harness tasks, e.g. [sciq, piqa]
+class EvaluateParams(Section):
+    batch_size: Pos
+    speed: bool  # measure prefill / decode speed and memory of dense vs pruned models
+    speed_prompt_len: Pos
+    speed_decode_tokens: Pos
+    speed_batch_size: Pos
+    speed_repeats: Pos
+    lm_eval_tasks: list[str]  # lm-evaluation-harness tasks, e.g. [sciq, piqa]
     lm_eval_include_path: str | None = None  # a folder of local task YAMLs (data may be local files)
-    lm_eval_limit: int | None = None  # documents per task (None = all)
-
-    def check(self, key: str) -> None:
-        for name in ("batch_size", "speed_prompt_len", "speed_decode_tokens", "speed_batch_size", "speed_repeats"):
-            _positive(f"{key}.{name}", getattr(self, name))
-        if self.lm_eval_include_path is not None and not Path(self.lm_eval_include_path).is_dir():
-            raise ConfigError(f"{key}.lm_eval_include_path: folder '{self.lm_eval_include_path}' does not exist")
-        if self.lm_eval_limit is not None:
-            _positive(f"{key}.lm_eval_limit", self.lm_eval_limit)
+    lm_eval_limit: Pos | None = None  # documents per task (None = all)
 
 
-@dataclass(frozen=True)
-class TrackingParams:
-    enabled: bool = True
-    experiment: str = "darwinlm"
-
-    def check(self, key: str) -> None:
-        if not self.experiment.strip():
-            raise ConfigError(f"{key}.experiment is empty: give an MLflow experiment name")
+class TrackingParams(Section):
+    enabled: bool
+    experiment: Annotated[str, _given("an MLflow experiment name")]
 
 
-@dataclass(frozen=True)
-class ComputeParams:
+class ComputeParams(Section):
     """How the database, search and finetune stages run. Not a DVC dependency of any stage: the
     results do not depend on it (up to float round-off), so changing it re-runs nothing."""
-    nproc: int = 1  # processes on this machine (torchrun): one per GPU, or CPU processes with gloo
-    device: str = "auto"  # auto: each process's GPU when there is one, else the CPU | cuda | cpu
-    fsdp: bool = False  # finetune: shard weights/gradients/optimiser over processes instead of replicating (DDP)
-    activations: str = "auto"  # database calibration activations: memory | disk | auto (disk when RAM is short)
-
-    def check(self, key: str) -> None:
-        _positive(f"{key}.nproc", self.nproc)
-        _one_of(f"{key}.device", self.device, ("auto", "cuda", "cpu"))
-        _one_of(f"{key}.activations", self.activations, ("auto", "memory", "disk"))
+    nproc: Pos  # processes on this machine (torchrun): one per GPU, or CPU processes with gloo
+    device: Literal["auto", "cuda", "cpu"]  # auto: each process's GPU when there is one, else the CPU
+    fsdp: bool  # finetune: shard weights/gradients/optimiser over processes instead of replicating (DDP)
+    activations: Literal["auto", "memory", "disk"]  # database calibration activations (auto: disk when RAM is short)
 
 
-@dataclass(frozen=True)
-class Params:
-    model: ModelParams = field(default_factory=ModelParams)
-    demo: DemoParams = field(default_factory=DemoParams)
-    data: DataParams = field(default_factory=DataParams)
-    database: DatabaseParams = field(default_factory=DatabaseParams)
-    search: SearchParams = field(default_factory=SearchParams)
-    finetune: FinetuneParams = field(default_factory=FinetuneParams)
-    evaluate: EvaluateParams = field(default_factory=EvaluateParams)
-    tracking: TrackingParams = field(default_factory=TrackingParams)
-    compute: ComputeParams = field(default_factory=ComputeParams)
+class Params(Section):
+    model: ModelParams
+    demo: DemoParams
+    data: DataParams
+    database: DatabaseParams
+    search: SearchParams
+    finetune: FinetuneParams
+    evaluate: EvaluateParams
+    tracking: TrackingParams
+    compute: ComputeParams
 
     @property
     def is_demo(self) -> bool:
         return self.model.name_or_path == "demo"
 
-    def check(self) -> None:
-        for f in dataclasses.fields(self):
-            getattr(self, f.name).check(f.name)
+    @model_validator(mode="after")
+    def _sections_agree(self):
         for i, stage in enumerate(self.search.schedule):
             for kind in ("fitness", "train"):
                 asked, available = getattr(stage, f"{kind}_tokens"), getattr(self.data, f"{kind}_tokens")
@@ -305,6 +248,7 @@ class Params:
         elif self.data.seq_len > self.demo.seq_len:
             raise ConfigError(f"data.seq_len ({self.data.seq_len}) exceeds the demo model's context "
                               f"(demo.seq_len = {self.demo.seq_len})")
+        return self
 
 
 def load_params(path: str | os.PathLike = "params.yaml") -> Params:
@@ -316,117 +260,57 @@ def load_params(path: str | os.PathLike = "params.yaml") -> Params:
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as err:
         raise ConfigError(f"params file '{path}' is not valid YAML: {err}") from None
-    params = parse(Params, raw, "")
-    params.check()
-    return params
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_message(err.errors()[0])) from None
 
 
-def parse(cls, raw, key: str):
-    """Build dataclass `cls` from plain YAML data, refusing unknown keys and wrong types."""
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{key or 'params'} must be a mapping of keys, got {type(raw).__name__}: {raw!r}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(raw) - set(fields))
-    if unknown:
-        where = f"{key}." if key else ""
-        raise ConfigError(f"unknown key '{where}{unknown[0]}'; valid keys{' in ' + key if key else ''}: "
-                          f"{', '.join(fields)}")
-    hints = typing.get_type_hints(cls)
-    values = {}
-    for name, value in raw.items():
-        values[name] = _convert(hints[name], value, f"{key}.{name}" if key else name)
-    missing = [n for n, f in fields.items() if n not in values
-               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
-    if missing:
-        raise ConfigError(f"{key}: missing required key '{missing[0]}'")
-    return cls(**values)
+_EXPECTED = {"bool_type": "true or false", "int_type": "an integer", "float_type": "a number", "string_type": "a string",
+             "list_type": "a list", "tuple_type": "a list", "model_type": "a mapping of keys"}
+_SIGNS = {"gt": ">", "ge": ">=", "lt": "<", "le": "<="}  # as in "must be > 0"; a range reads "0 < x <= 1"
 
 
-def _convert(hint, value, key: str):
-    origin = typing.get_origin(hint)
-    if origin in (typing.Union, types.UnionType):
-        options = typing.get_args(hint)
-        if value is None and type(None) in options:
-            return None
-        shaped = [o for o in options if o is not type(None) and _same_shape(o, value)]
-        if len(shaped) == 1:  # e.g. a mapping can only be the dataclass option: report its own error
-            return _convert(shaped[0], value, key)
-        for option in shaped:
-            try:
-                return _convert(option, value, key)
-            except ConfigError:
-                pass
-        raise ConfigError(f"{key}: {value!r} is not valid; expected {_describe(hint)}")
-    if origin in (list, tuple):
-        (item,) = typing.get_args(hint)[:1]
-        if not isinstance(value, list):
-            raise ConfigError(f"{key}: expected a list, got {type(value).__name__} {value!r}")
-        items = [_convert(item, v, f"{key}[{i}]") for i, v in enumerate(value)]
-        return tuple(items) if origin is tuple else items
-    if dataclasses.is_dataclass(hint):
-        return parse(hint, value, key)
-    if hint is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{key}: expected true or false, got {value!r}")
-        return value
-    if hint is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{key}: expected an integer, got {type(value).__name__} {value!r}")
-        return value
-    if hint is float:
-        if isinstance(value, str):
-            try:  # YAML 1.1 reads "1e-5" (no dot) as a string
-                return float(value)
-            except ValueError:
-                pass
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{key}: expected a number, got {type(value).__name__} {value!r}")
-        return float(value)
-    if hint is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{key}: expected a string, got {type(value).__name__} {value!r}")
-        return value
-    raise TypeError(f"unsupported params type {hint} for {key}")
+def _message(error: dict) -> str:
+    """One line for pydantic's error: the dotted key (with list indexes), the bad value, what is valid."""
+    kind, value, ctx = error["type"], error.get("input"), error.get("ctx", {})
+    key, field, parent = _locate(error["loc"], kind == "extra_forbidden")
+    if kind == "value_error":  # a rule of ours: ConfigErrors name their keys, other messages follow the key
+        return str(ctx["error"]) if isinstance(ctx["error"], ConfigError) else f"{key} {ctx['error']}"
+    if kind == "extra_forbidden":
+        where = key.rpartition(".")[0]
+        return f"unknown key '{key}'; valid keys{' in ' + where if where else ''}: {', '.join(parent.model_fields)}"
+    if kind == "missing":
+        return f"missing key '{key}'"
+    if kind == "literal_error":
+        return f"{key} is {value!r}: valid values are {ctx['expected']}"
+    if kind in _EXPECTED:
+        return f"{key or 'params'}: expected {_EXPECTED[kind]}, got {type(value).__name__} {value!r}"
+    bounds = {op: getattr(m, op) for m in (field.metadata if field else ()) for op in _SIGNS if hasattr(m, op)} or {
+        op: bound for op, bound in ctx.items() if op in _SIGNS}  # an optional field's bound is only in ctx
+    low, high = [next((op for op in ops if op in bounds), None) for ops in (("gt", "ge"), ("lt", "le"))]
+    if low and high:  # a range, e.g. "0 <= damp < 1"
+        return (f"{key} is {value!r}: valid is {bounds[low]} {_SIGNS[low].replace('>', '<')} "
+                f"{key.rpartition('.')[2]} {_SIGNS[high]} {bounds[high]}")
+    if low or high:
+        return f"{key} is {value!r}: must be {_SIGNS[low or high]} {bounds[low or high]}"
+    return f"{key}: {error['msg']}"
 
 
-def _same_shape(hint, value) -> bool:
-    if isinstance(value, dict):
-        return dataclasses.is_dataclass(hint)
-    if isinstance(value, list):
-        return typing.get_origin(hint) in (list, tuple)
-    return not dataclasses.is_dataclass(hint) and typing.get_origin(hint) not in (list, tuple)
+def _locate(loc: tuple, extra: bool):
+    """(dotted key, its pydantic field, the model holding it); skips pydantic's union tags in `loc`."""
+    model, field, parent, key = Params, None, Params, ""
+    for i, part in enumerate(loc):
+        if isinstance(part, int):
+            key += f"[{part}]"
+        elif model is not None and (part in model.model_fields or extra and i == len(loc) - 1):
+            parent, field = model, model.model_fields.get(part)
+            key = f"{key}.{part}" if key else part
+            model = _model_in(field.annotation) if field else None
+    return key, field, parent
 
 
-def _describe(hint) -> str:
-    if hint == TextSource or hint is TextSource:
-        return "'demo', a file path, a list of file paths, or a dataset {path, name, split, text_field}"
-    return str(hint)
-
-
-def _positive(key: str, value) -> None:
-    if value <= 0:
-        raise ConfigError(f"{key} is {value}: must be > 0")
-
-
-def _one_of(key: str, value, allowed) -> None:
-    if value not in allowed:
-        raise ConfigError(f"{key} is {value!r}: valid values are {', '.join(map(repr, allowed))}")
-
-
-def _looks_like_path(name: str) -> bool:
-    return name.startswith((".", "/", "~")) or name.count("/") > 1 or os.sep in name and Path(name).exists()
-
-
-def _check_source(key: str, source: TextSource) -> None:
-    if isinstance(source, DatasetSpec):
-        source.check(key)
-        return
-    files = [source] if isinstance(source, str) else source
-    if not files:
-        raise ConfigError(f"{key} is an empty list: give 'demo', a text file or a list of text files")
-    if files == ["demo"]:
-        return
-    for f in files:
-        if not Path(f).is_file():
-            raise ConfigError(f"{key}: text file '{f}' not found (give 'demo', existing text files, "
-                              "or a dataset {path, name, split, text_field})")
+def _model_in(annotation):
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    return next((m for m in map(_model_in, typing.get_args(annotation)) if m), None)

@@ -51,6 +51,7 @@ import mlflow  # noqa: E402
 from mlflow import MlflowClient  # noqa: E402
 from mlflow.entities import Metric, Param, RunTag  # noqa: E402
 from mlflow.exceptions import MlflowException  # noqa: E402
+from pydantic import BaseModel  # noqa: E402
 
 if _MLFLOW_WAS_IMPORTED:  # imported before us: re-evaluate telemetry with the defaults above
     with contextlib.suppress(Exception):
@@ -112,8 +113,8 @@ def _artifact_location(uri: str) -> str | None:
 # ----------------------------------------------------------------------------- pure helpers
 
 def _jsonable(obj: Any) -> Any:
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return _jsonable(dataclasses.asdict(obj))
+    if isinstance(obj, BaseModel):
+        return _jsonable(obj.model_dump())
     if isinstance(obj, Mapping):
         return {str(k): _jsonable(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
@@ -134,16 +135,16 @@ def _sha(obj: Any, n: int) -> str:
 
 
 def flatten(d: Mapping | Any, prefix: str = "") -> dict[str, Any]:
-    """Nested dicts (or dataclasses) -> one level with dotted keys.
+    """Nested dicts (or pydantic models such as the params) -> one level with dotted keys.
 
     ``{"search": {"target": 0.5}}`` -> ``{"search.target": 0.5}``. Lists, tuples and sets become
     JSON strings (so do any dicts inside them); an empty dict becomes ``"{}"``; scalars stay as they are.
     """
     out: dict[str, Any] = {}
-    items = _jsonable(d) if dataclasses.is_dataclass(d) else d
+    items = _jsonable(d) if isinstance(d, BaseModel) else d
     for k, v in items.items():
         key = f"{prefix}.{k}" if prefix else str(k)
-        if dataclasses.is_dataclass(v) and not isinstance(v, type):
+        if isinstance(v, BaseModel):
             v = _jsonable(v)
         if isinstance(v, Mapping):
             if v:

@@ -1,6 +1,5 @@
 """Stage base: the dense model. Demo: pretrain the embedded default. Real model: record what
 `model.name_or_path` resolves to (no weights are copied)."""
-import dataclasses
 import json
 
 import torch
@@ -43,7 +42,7 @@ def main(params, say, group):
 
     # A checkpoint belongs to one pretraining: these demo params and this stdlib corpus (the
     # tokenizer and the sequences follow from the two).
-    checkpoint = BASE_WORK / f"pretrain-{inputs_key({'demo': dataclasses.asdict(p), 'corpus': corpus['sha256']})}.pt"
+    checkpoint = BASE_WORK / f"pretrain-{inputs_key({'demo': p.model_dump(), 'corpus': corpus['sha256']})}.pt"
     if checkpoint.is_file():
         say(f"resuming the interrupted pretraining from {checkpoint}")
     model, losses = pretrain_demo(p, sequences, tokenizer, on_step=on_step, checkpoint=checkpoint,

@@ -1,7 +1,6 @@
 """Stage database: the dense model's calibration activations streamed block by block, the Hessians
 of each block's output projections, structured OBS for every (layer, module), and compact storage
 of each level. Under torchrun the calibration windows and the OBS work are spread over processes."""
-import dataclasses
 
 import torch
 
@@ -36,7 +35,7 @@ def main(params, say, group):
     identity = {"model": dense_source(params), "model_fingerprint": model_fingerprint(model),
                 "calib_tokens": calib.numel(), "calib_sha256": tensor_sha256(calib)}
     # Finished modules live outside DVC's output until the end, so a killed run resumes from them.
-    work = DATABASE_WORK / inputs_key({**dataclasses.asdict(p), **identity}, (obs.__file__, database.__file__))
+    work = DATABASE_WORK / inputs_key({**p.model_dump(), **identity}, (obs.__file__, database.__file__))
     spill = _activations_file(params, calib, model, structure, group, work, say)
     done = finished_modules(work)
     if done:

@@ -1,7 +1,6 @@
 """Stage finetune@<searched|uniform>: materialise the levels as a physically smaller model, train
 it (causal-LM loss, optionally distilled from the dense model) and save a Hugging Face folder."""
 import argparse
-import dataclasses
 
 import pandas as pd
 
@@ -56,7 +55,7 @@ def main(name, params, say, group):
             say(f"step {step + 1}/{p.steps} loss {values['loss']:.4f}")
 
     # A checkpoint belongs to one training: these params, levels, database and training tokens.
-    key = inputs_key(dataclasses.asdict(p), (levels_path(name), DATABASE / MANIFEST, TOKENS / "train.pt"))
+    key = inputs_key(p.model_dump(), (levels_path(name), DATABASE / MANIFEST, TOKENS / "train.pt"))
     checkpoint = FINETUNE_WORK / f"{name}-{key}.pt"
     if checkpoint.is_file():
         say(f"resuming the interrupted training from {checkpoint}")

@@ -1,6 +1,5 @@
 """Stage search: the evolutionary search for per-module levels (docs/method.md, section 3). Checkpoints every
 generation (outside DVC's outputs) and resumes an interrupted search of the same inputs."""
-import dataclasses
 
 import pandas as pd
 
@@ -61,7 +60,7 @@ def main(params, say, group):
             f"survivors {survivors}{' (parent kept)' if record['parent_kept'] else ''}"
             + (f", parent eval ppl {record['parent_eval_ppl']:.3f}" if "parent_eval_ppl" in record else ""))
 
-    key = inputs_key({"search": dataclasses.asdict(p), "model": dense_source(params)},
+    key = inputs_key({"search": p.model_dump(), "model": dense_source(params)},
                      (DATABASE / MANIFEST, TOKENS / "fitness.pt", TOKENS / "train.pt"))
     resumed = SearchState.load(SEARCH_CHECKPOINT, key)
     if resumed and resumed.generation >= p.generations:

@@ -4,7 +4,6 @@ stops `dvc repro` before DVC removes the outputs of an earlier good run.
 
 It runs on every `dvc repro`. Its outputs change content only when the text of a corpus changes
 (checks/data.json, which calibration depends on), so a successful check re-runs nothing else."""
-import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -15,6 +14,7 @@ from pipeline.model.resolve import (
     check_compute,
     check_optional_packages,
     check_params_against_model,
+    check_paths,
     check_real_model,
     corpus_fingerprint,
 )
@@ -30,10 +30,11 @@ PASSED = Path(".darwinlm/validated.json")
 if __name__ == "__main__":
     try:
         params = load_params("params.yaml")
+        check_paths(params)
         check_compute(params)
         check_optional_packages(params)
         corpus = {name: corpus_fingerprint(getattr(params.data, name)) for name in ("train", "eval")}
-        key = inputs_key({"params": dataclasses.asdict(params), "corpus": corpus})
+        key = inputs_key({"params": params.model_dump(), "corpus": corpus})
         if params.is_demo:
             # The demo corpus only exists once the base stage has built it, so its token budgets are
             # checked by the calibration stage (same functions, same message).

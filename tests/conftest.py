@@ -13,6 +13,15 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 SHARED_DATA = ROOT.parent / "shared" / "data"
 
 
+def shipped(section=None, **changes):
+    """The shipped params.yaml (the one source of param values), or one of its sections, with `changes`
+    applied and validated."""
+    from pipeline.config import load_params
+    params = load_params(ROOT / "params.yaml")
+    part = params if section is None else getattr(params, section)
+    return type(part).model_validate({**part.model_dump(), **changes})
+
+
 def tiny_llama(seed=0, layers=3, heads=4, kv_heads=2, hidden=32, intermediate=24, vocab=64):
     from transformers import LlamaConfig, LlamaForCausalLM
     torch.manual_seed(seed)

@@ -9,9 +9,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from conftest import tiny_llama  # noqa: E402
+from conftest import (
+    shipped,  # noqa: E402
+    tiny_llama,  # noqa: E402
+)
 
-from pipeline.config import SearchParams, SelectionStage  # noqa: E402
+from pipeline.config import SelectionStage  # noqa: E402
 from pipeline.model.materialize import materialize  # noqa: E402
 from pipeline.model.structure import structure_of  # noqa: E402
 from pipeline.pruning.database import Database, build_database  # noqa: E402
@@ -28,9 +31,9 @@ def tokens(n=12, seed=1):
 
 
 def search_params():
-    return SearchParams(target=0.5, generations=4, offspring=6, tas=True, train_lr=1e-3, batch_size=4, seed=3,
-                        schedule=(SelectionStage(survivors=3, fitness_tokens=64, train_tokens=32),
-                                  SelectionStage(survivors=1, fitness_tokens=128, train_tokens=64)))
+    return shipped("search", target=0.5, generations=4, offspring=6, tas=True, train_lr=1e-3, batch_size=4, seed=3,
+                   schedule=(SelectionStage(survivors=3, fitness_tokens=64, train_tokens=32),
+                             SelectionStage(survivors=1, fitness_tokens=128, train_tokens=64)))
 
 
 def build(out: Path, group):

@@ -1,11 +1,11 @@
 """params.yaml validation: every class of bad input names the key and what is valid."""
-import dataclasses
 from pathlib import Path
 
 import pytest
 import yaml
 
-from pipeline.config import ConfigError, Params, load_params
+from pipeline.config import ConfigError, load_params
+from pipeline.model.resolve import check_paths
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -18,11 +18,18 @@ def _write(tmp_path, edit):
     return path
 
 
-def test_shipped_params_are_valid_and_equal_the_documented_defaults():
-    params = load_params(ROOT / "params.yaml")
-    defaults = Params()
-    for section in ("model", "data", "database", "evaluate", "tracking"):
-        assert getattr(params, section) == getattr(defaults, section), section
+@pytest.mark.parametrize("path", ["params.yaml", *sorted(p.relative_to(ROOT).as_posix()
+                                                     for p in (ROOT / "configs").glob("*.yaml"))])
+def test_shipped_params_and_presets_are_valid_and_touch_no_files(path):
+    params = load_params(ROOT / path)  # params.yaml and the presets are the one source of values
+    assert params.search.schedule[-1].survivors == 1 and isinstance(params.search.train_lr, float)
+
+
+def test_every_required_key_must_be_given(tmp_path):
+    with pytest.raises(ConfigError, match=_escape("missing key 'search.target'")):
+        load_params(_write(tmp_path, lambda r: r["search"].pop("target")))
+    with pytest.raises(ConfigError, match=_escape("missing key 'compute'")):
+        load_params(_write(tmp_path, lambda r: r.pop("compute")))
 
 
 @pytest.mark.parametrize("edit,message", [
@@ -34,19 +41,26 @@ def test_shipped_params_are_valid_and_equal_the_documented_defaults():
     (lambda r: r["search"].update(generations=2.5), "search.generations: expected an integer"),
     (lambda r: r["tracking"].update(enabled="yes"), "tracking.enabled: expected true or false"),
     (lambda r: r["model"].update(dtype="float8"), "model.dtype is 'float8'"),
-    (lambda r: r["model"].update(name_or_path="./no/such/folder"), "folder './no/such/folder' does not exist"),
-    (lambda r: r["data"].update(train="/no/such/file.txt"), "data.train: text file '/no/such/file.txt' not found"),
+    (lambda r: r["search"].update(generations=True), "search.generations: expected an integer"),
+    (lambda r: r["tracking"].update(enabled=1), "tracking.enabled: expected true or false"),
     (lambda r: r["data"].update(train=[]), "data.train is an empty list"),
     (lambda r: r["data"].update(eval={"path": "x", "colour": 1}), "unknown key 'data.eval.colour'"),
     (lambda r: r["database"].update(levels=1), "database.levels is 1"),
     (lambda r: r["search"].update(schedule=[]), "search.schedule is empty"),
-    (lambda r: r["search"].update(schedule=[{"survivors": 1}]), "missing required key 'fitness_tokens'"),
+    (lambda r: r["search"].update(schedule=[{"survivors": 1}]), "missing key 'search.schedule[0].fitness_tokens'"),
     (lambda r: r["search"].update(schedule=[{"survivors": 4, "fitness_tokens": 8},
                                             {"survivors": 8, "fitness_tokens": 8}]), "survivors must shrink"),
     (lambda r: r["search"].update(schedule=[{"survivors": 2, "fitness_tokens": 8}]), "must keep exactly 1"),
     (lambda r: r["search"].update(schedule=[{"survivors": 1, "fitness_tokens": 10**9}]),
      "exceeds data.fitness_tokens"),
+    (lambda r: r["search"].update(schedule=[{"survivors": 4, "fitness_tokens": 8},
+                                            {"survivors": 0, "fitness_tokens": 8}]), "search.schedule[1].survivors is 0"),
     (lambda r: r["finetune"].update(distill=2), "finetune.distill is 2"),
+    (lambda r: r["finetune"].update(stepz=3), "unknown key 'finetune.stepz'"),
+    (lambda r: r["data"].update(eval={"path": " "}), "data.eval.path is empty"),
+    (lambda r: r["database"].update(damp=1), "database.damp is 1: valid is 0 <= damp < 1"),
+    (lambda r: r["evaluate"].update(lm_eval_limit=0), "evaluate.lm_eval_limit is 0: must be > 0"),
+    (lambda r: r["compute"].update(nproc=3), "finetune.batch_size (8) must be divisible by compute.nproc (3)"),
     (lambda r: r["data"].update(seq_len=4096), "exceeds the demo model's context"),
     (lambda r: r["model"].update(name_or_path="org/model"), "data.train is 'demo' but model.name_or_path"),
 ])
@@ -75,7 +89,29 @@ def test_dataset_spec_and_file_lists_parse(tmp_path):
         train=[str(text), str(text)], eval={"path": "wikitext", "name": "wikitext-2-raw-v1", "split": "test"})))
     assert params.data.train == [str(text), str(text)]
     assert params.data.eval.name == "wikitext-2-raw-v1" and params.data.eval.text_field == "text"
-    assert dataclasses.asdict(params)["data"]["eval"]["split"] == "test"
+    assert params.model_dump()["data"]["eval"]["split"] == "test"
+
+
+@pytest.mark.parametrize("edit,message", [
+    (lambda r: (r["model"].update(name_or_path="./no/such/folder"), r["data"].update(train=__file__, eval=__file__)),
+     "folder './no/such/folder' does not exist"),
+    (lambda r: r["data"].update(train="/no/such/file.txt"), "data.train: text file '/no/such/file.txt' not found"),
+    (lambda r: r["evaluate"].update(lm_eval_include_path="/no/such/tasks"), "folder '/no/such/tasks' does not exist"),
+])
+def test_missing_files_are_refused_by_the_path_checks_not_by_loading(tmp_path, edit, message):
+    params = load_params(_write(tmp_path, edit))  # loading reads params.yaml only
+    with pytest.raises(ConfigError, match=_escape(message)):
+        check_paths(params)
+
+
+def test_a_model_folder_needs_a_config_json(tmp_path):
+    (tmp_path / "model").mkdir()
+    params = load_params(_write(tmp_path, lambda r: (r["model"].update(name_or_path=str(tmp_path / "model")),
+                                                     r["data"].update(train=__file__, eval=__file__))))
+    with pytest.raises(ConfigError, match="has no config.json"):
+        check_paths(params)
+    (tmp_path / "model" / "config.json").write_text("{}")
+    check_paths(params)
 
 
 def test_scientific_notation_without_dot_is_a_number(tmp_path):
@@ -99,4 +135,4 @@ def test_unresolvable_model_id_is_a_clear_error_offline(monkeypatch):
     from pipeline.model.resolve import describe_model
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ConfigError, match="model.name_or_path 'no-such-org/no-such-model' cannot be resolved"):
-        describe_model(ModelParams(name_or_path="no-such-org/no-such-model"))
+        describe_model(ModelParams(name_or_path="no-such-org/no-such-model", dtype="float32"))

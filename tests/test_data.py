@@ -4,9 +4,9 @@ import codecs
 
 import pytest
 import torch
-from conftest import byte_level_tokenizer
+from conftest import byte_level_tokenizer, shipped
 
-from pipeline.config import ConfigError, DataParams, DatasetSpec
+from pipeline.config import ConfigError, DatasetSpec
 from pipeline.data import (
     _PIECE_CHARS,
     _PIECE_LINES,
@@ -24,7 +24,7 @@ from pipeline.data import (
 def _params(**kw):
     base = dict(seq_len=8, calib_tokens=64, fitness_tokens=32, train_tokens=80, eval_tokens=16, seed=0)
     base.update(kw)
-    return DataParams(**base)
+    return shipped("data", **base)
 
 
 def test_train_sets_are_disjoint_windows_of_the_stream_and_seeded():

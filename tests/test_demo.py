@@ -1,8 +1,7 @@
 """The embedded demo: stdlib corpus, byte-level tokenizer and a tiny GQA Llama (small budgets, offline)."""
-import dataclasses
-
 import pytest
 import torch
+from conftest import shipped
 from transformers import LlamaForCausalLM
 
 from pipeline.config import DemoParams
@@ -99,7 +98,7 @@ def test_config_has_gqa_and_expected_size(tokenizer):
 
 
 def test_default_demo_model_is_about_one_million_parameters():
-    p = DemoParams()
+    p = shipped("demo")
 
     class FakeTokenizer:  # only the size and special ids matter for the config
         bos_token_id, eos_token_id, pad_token_id = 0, 1, 2
@@ -124,7 +123,7 @@ def test_pretraining_reduces_loss_on_stdlib_text(corpus, tokenizer):
 
 
 def test_pretraining_is_reproducible_and_checks_sequence_length(corpus, tokenizer):
-    p = dataclasses.replace(TINY, steps=3)
+    p = TINY.model_copy(update={"steps": 3})
     sequences = _sequences(tokenizer, corpus[0][:5], p.seq_len)
     _, first = pretrain_demo(p, sequences, tokenizer)
     _, second = pretrain_demo(p, sequences, tokenizer)
@@ -134,7 +133,7 @@ def test_pretraining_is_reproducible_and_checks_sequence_length(corpus, tokenize
 
 
 def test_interrupted_pretraining_resumes_to_the_same_weights(corpus, tokenizer, tmp_path):
-    p = dataclasses.replace(TINY, steps=12)
+    p = TINY.model_copy(update={"steps": 12})
     sequences = _sequences(tokenizer, corpus[0][:5], p.seq_len)
     reference, reference_losses = pretrain_demo(p, sequences, tokenizer)
     checkpoint = tmp_path / "pretrain.pt"

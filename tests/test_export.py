@@ -12,9 +12,9 @@ import textwrap
 
 import pytest
 import torch
-from conftest import tiny_family
+from conftest import shipped, tiny_family
 
-from pipeline.config import SearchParams, SelectionStage
+from pipeline.config import SelectionStage
 from pipeline.model.demo import train_tokenizer
 from pipeline.model.export import save_pruned
 from pipeline.model.materialize import materialize
@@ -63,7 +63,8 @@ def test_exported_folder_loads_without_this_project(family, tokenizer, tokens, t
     db = Database(tmp_path / "db")
     fitness_set = tokens[:4]
     state = evolve(LevelSwapper(copy.deepcopy(model), db), {ATTN: [2, 2], MLP: [2, 2]},
-                   SearchParams(generations=3, offspring=4, schedule=(SelectionStage(1, 64),)), fitness_set,
+                   shipped("search", generations=3, offspring=4,
+                           schedule=(SelectionStage(survivors=1, fitness_tokens=64),)), fitness_set,
                    teacher_targets(model, fitness_set, 4, "kl"))
     assert sum(state.parent[ATTN]) == 4 and sum(state.parent[MLP]) == 4
     pruned = materialize(model, structure, db.weights_for({ATTN: [1, 4], MLP: [3, 0]}))  # layer 1: no heads

@@ -2,9 +2,9 @@
 loading, the database, one-shot pruning quality and a short search. Skips without ../shared/data."""
 import pytest
 import torch
-from conftest import SHARED_DATA
+from conftest import SHARED_DATA, shipped
 
-from pipeline.config import DataParams, ModelParams, SearchParams, SelectionStage
+from pipeline.config import ModelParams, SelectionStage
 from pipeline.data import eval_set, read_documents, split_train_sets, token_stream
 from pipeline.evaluate import perplexity
 from pipeline.model.materialize import materialize
@@ -23,8 +23,8 @@ pytestmark = pytest.mark.skipif(not (MODEL / "model.safetensors").is_file() or n
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
     model, tokenizer = load_dense(str(MODEL))
-    p = DataParams(train=str(TEXT / "train_head.txt"), eval=str(TEXT / "dev.txt"), seq_len=256,
-                   calib_tokens=16384, fitness_tokens=4096, train_tokens=4096, eval_tokens=16384)
+    p = shipped("data", train=str(TEXT / "train_head.txt"), eval=str(TEXT / "dev.txt"), seq_len=256,
+                calib_tokens=16384, fitness_tokens=4096, train_tokens=4096, eval_tokens=16384)
     sets = split_train_sets(token_stream(read_documents(p.train), tokenizer), p)
     evals = eval_set(token_stream(read_documents(p.eval), tokenizer), p)
     structure = structure_of(model)
@@ -34,7 +34,7 @@ def built(tmp_path_factory):
 
 
 def test_resolves_without_loading_weights():
-    info = describe_model(ModelParams(name_or_path=str(MODEL)))
+    info = describe_model(ModelParams(name_or_path=str(MODEL), dtype="float32"))
     assert info["kind"] == "folder" and info["parameters"] > 200_000
     assert info["structure"]["num_kv_heads"] == 4 and info["structure"]["num_heads"] == 8
 
@@ -68,7 +68,9 @@ def test_short_search_improves_on_uniform(built):
     swapper = LevelSwapper(model, db)
     swapper.apply(start)
     before = fitness(model, sets["fitness"], teacher, 8)
-    p = SearchParams(generations=8, offspring=8, schedule=(SelectionStage(2, 1024), SelectionStage(1, 4096)))
+    p = shipped("search", generations=8, offspring=8,
+                schedule=(SelectionStage(survivors=2, fitness_tokens=1024),
+                          SelectionStage(survivors=1, fitness_tokens=4096)))
     state = evolve(swapper, start, p, sets["fitness"], teacher)
     after = fitness(model, sets["fitness"], teacher, 8)
     swapper.apply({m: [0] * db.structure.num_layers for m in (ATTN, MLP)})

@@ -3,8 +3,9 @@ import random
 
 import pytest
 import torch
+from conftest import shipped
 
-from pipeline.config import SearchParams, SelectionStage
+from pipeline.config import SelectionStage
 from pipeline.model.structure import structure_of
 from pipeline.pruning.database import Database, build_database
 from pipeline.search.evolution import (
@@ -86,9 +87,10 @@ def setup(tiny_model, tokens, tmp_path):
 
 def _params(**kw):
     base = dict(target=0.5, generations=6, offspring=6, seed=0,
-                schedule=(SelectionStage(3, 32), SelectionStage(1, 128)))
+                schedule=(SelectionStage(survivors=3, fitness_tokens=32),
+                          SelectionStage(survivors=1, fitness_tokens=128)))
     base.update(kw)
-    return SearchParams(**base)
+    return shipped("search", **base)
 
 
 def test_search_is_deterministic_never_worse_than_start_and_keeps_budget(tiny_model, setup):
@@ -128,7 +130,8 @@ def test_training_aware_selection_trains_copies_and_changes_the_ranking(tiny_mod
     db, fitness_set, teacher = setup
     before = {k: v.clone() for k, v in tiny_model.state_dict().items()}
     train_set = torch.randint(0, 64, (10, 16), generator=torch.Generator().manual_seed(6))
-    schedule = (SelectionStage(2, 32, train_tokens=64), SelectionStage(1, 128, train_tokens=64))
+    schedule = (SelectionStage(survivors=2, fitness_tokens=32, train_tokens=64),
+                SelectionStage(survivors=1, fitness_tokens=128, train_tokens=64))
     trained = evolve(LevelSwapper(tiny_model, db), uniform_levels(0.5, 4, 3),
                      _params(generations=2, schedule=schedule, train_lr=1e-2), fitness_set, teacher, train_set)
     plain = evolve(LevelSwapper(tiny_model, db), uniform_levels(0.5, 4, 3),

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 import yaml
-from conftest import ROOT, byte_level_tokenizer, tiny_llama
+from conftest import ROOT, byte_level_tokenizer, shipped, tiny_llama
 
 from pipeline.config import ConfigError, load_params
 from pipeline.data import CorpusError
@@ -33,10 +33,11 @@ def folders(tmp_path_factory):
 def _params_file(tmp_path, model, train_text=TEXT * 40, eval_text=TEXT * 10):
     (tmp_path / "train.txt").write_text(train_text)
     (tmp_path / "eval.txt").write_text(eval_text)
-    raw = {"model": {"name_or_path": model},
-           "data": {"train": str(tmp_path / "train.txt"), "eval": str(tmp_path / "eval.txt"), **BUDGETS},
-           "search": {"schedule": [{"survivors": 1, "fitness_tokens": 32, "train_tokens": 16}]},
-           "tracking": {"enabled": False}}
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())  # the one source of the other values
+    raw["model"]["name_or_path"] = model
+    raw["data"].update(train=str(tmp_path / "train.txt"), eval=str(tmp_path / "eval.txt"), **BUDGETS)
+    raw["search"]["schedule"] = [{"survivors": 1, "fitness_tokens": 32, "train_tokens": 16}]
+    raw["tracking"]["enabled"] = False
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
     return tmp_path / "params.yaml"
 
@@ -95,18 +96,18 @@ def test_corpus_fingerprint_follows_the_text_not_the_name(tmp_path):
 
 
 def test_compute_asks_for_no_more_gpus_than_there_are(monkeypatch):
-    import dataclasses
-
     import torch
 
-    from pipeline.config import ComputeParams, Params
     from pipeline.model.resolve import check_compute
+
+    def compute(**changes):
+        return shipped(compute=shipped("compute", **changes))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
-    check_compute(dataclasses.replace(Params(), compute=ComputeParams(nproc=2)))
+    check_compute(compute(nproc=2))
     with pytest.raises(ConfigError, match="compute.nproc is 4 but this machine has 2 GPUs"):
-        check_compute(dataclasses.replace(Params(), compute=ComputeParams(nproc=4)))
-    check_compute(dataclasses.replace(Params(), compute=ComputeParams(nproc=4, device="cpu")))  # gloo processes
+        check_compute(compute(nproc=4))
+    check_compute(compute(nproc=4, device="cpu"))  # gloo processes
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(ConfigError, match="compute.device is 'cuda' but torch sees no GPU"):
-        check_compute(dataclasses.replace(Params(), compute=ComputeParams(device="cuda")))
+        check_compute(compute(device="cuda"))

@@ -1,8 +1,8 @@
 """What a real `model.name_or_path` resolves to, checked without loading its weights."""
 from __future__ import annotations
 
-import dataclasses
 import importlib.util
+import os
 from pathlib import Path
 
 import torch
@@ -70,7 +70,7 @@ def corpus_fingerprint(source: TextSource) -> str | dict:
     (so editing a corpus in place re-runs calibration), a dataset's spec, or the demo corpus (which
     the base stage's output already covers)."""
     if isinstance(source, DatasetSpec):
-        return dataclasses.asdict(source)
+        return source.model_dump()
     files = [source] if isinstance(source, str) else list(source)
     if files == ["demo"]:
         return "demo"
@@ -92,3 +92,30 @@ def check_compute(params: Params) -> None:
                           "process per GPU (or compute.device: cpu for CPU processes)")
     if c.nproc > 1 and torchrun_path() is None:
         raise ConfigError(f"compute.nproc is {c.nproc} but torchrun is not installed (it comes with torch)")
+
+
+def check_paths(params: Params) -> None:
+    """Raises ConfigError naming the key whose folder or file is missing."""
+    name = params.model.name_or_path
+    if _looks_like_path(name) and not Path(name).is_dir():
+        raise ConfigError(f"model.name_or_path: folder '{name}' does not exist "
+                          "(give 'demo', a Hugging Face hub id such as 'meta-llama/Llama-3.1-8B', "
+                          "or an existing folder)")
+    if Path(name).is_dir() and not (Path(name) / "config.json").is_file():
+        raise ConfigError(f"model.name_or_path: folder '{name}' has no config.json "
+                          "(it must be a Hugging Face model folder)")
+    for key in ("train", "eval"):
+        source = getattr(params.data, key)
+        files = [] if isinstance(source, DatasetSpec) or source == "demo" else [source] if isinstance(source, str) \
+            else source
+        for f in files:
+            if not Path(f).is_file():
+                raise ConfigError(f"data.{key}: text file '{f}' not found (give 'demo', existing text files, "
+                                  "or a dataset {path, name, split, text_field})")
+    include = params.evaluate.lm_eval_include_path
+    if include is not None and not Path(include).is_dir():
+        raise ConfigError(f"evaluate.lm_eval_include_path: folder '{include}' does not exist")
+
+
+def _looks_like_path(name: str) -> bool:
+    return name.startswith((".", "/", "~")) or name.count("/") > 1 or os.sep in name and Path(name).exists()

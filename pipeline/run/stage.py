@@ -3,7 +3,6 @@ JSON (with the run id), and user errors and interruptions reported as one clear 
 traceback."""
 from __future__ import annotations
 
-import dataclasses
 import signal
 import sys
 import time
@@ -42,7 +41,7 @@ def run_stage(name: str, sections: tuple[str, ...], body: Body, close_pipeline: 
     if multiprocess and params.compute.nproc > 1 and not distributed.launched_by_torchrun():
         distributed.relaunch_with_torchrun(sys.modules["__main__"].__spec__.name, params.compute.nproc, sys.argv[1:])
     group = distributed.init(params.compute.device)  # a single process unless torchrun started this one
-    all_params = section_dicts(params, tuple(f.name for f in dataclasses.fields(params)))
+    all_params = section_dicts(params, tuple(type(params).model_fields))
 
     def say(message: str) -> None:
         if group.is_main:
@@ -97,4 +96,5 @@ def stop_cleanly_on_signals() -> None:
 
 
 def section_dicts(params: Params, sections: tuple[str, ...]) -> dict:
-    return {s: dataclasses.asdict(getattr(params, s)) for s in sections}
+    return {s: getattr(params, s).model_dump() for s in sections}
+
