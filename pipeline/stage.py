@@ -12,7 +12,8 @@ from pathlib import Path
 
 import torch
 
-from pipeline import distributed, tracking
+from pipeline import distributed
+from pipeline.run import tracking
 from pipeline.config import ConfigError, Params, load_params
 from pipeline.data import CorpusError
 from pipeline.database import DatabaseError

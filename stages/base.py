@@ -5,7 +5,7 @@ import json
 
 import torch
 
-from pipeline import tracking
+from pipeline.run import tracking
 from pipeline.data import token_stream, windows
 from pipeline.demo import pretrain_demo, stdlib_corpus, train_tokenizer
 from pipeline.modeling import count_params

@@ -6,7 +6,8 @@ import hashlib
 
 import torch
 
-from pipeline import database, obs, tracking
+from pipeline import database, obs
+from pipeline.run import tracking
 from pipeline.blockwise import activation_bytes
 from pipeline.config import ConfigError
 from pipeline.database import build_database, check_units, finished_modules, model_fingerprint, obs_unit_heads

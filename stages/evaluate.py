@@ -1,7 +1,7 @@
 """Stage evaluate: perplexity on the held-out eval set of the dense model, the searched and the
 uniform models (one-shot and finetuned), sizes, and one self-contained MLflow run for comparison."""
 
-from pipeline import tracking
+from pipeline.run import tracking
 from pipeline.database import Database
 from pipeline.evaluate import perplexity
 from pipeline.export import load_pruned

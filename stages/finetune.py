@@ -5,7 +5,7 @@ import dataclasses
 
 import pandas as pd
 
-from pipeline import tracking
+from pipeline.run import tracking
 from pipeline.database import MANIFEST, Database
 from pipeline.export import save_pruned
 from pipeline.modeling import count_params, load_dense, materialize

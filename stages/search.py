@@ -4,7 +4,7 @@ import dataclasses
 
 import pandas as pd
 
-from pipeline import tracking
+from pipeline.run import tracking
 from pipeline.database import MANIFEST, Database
 from pipeline.evaluate import perplexity
 from pipeline.fitness import fitness, teacher_bytes, teacher_targets
