@@ -59,7 +59,7 @@ if _MLFLOW_WAS_IMPORTED:  # imported before us: re-evaluate telemetry with the d
 
 ROLE_TAG = "darwinlm.role"
 # What MLflow's UI writes when a user marks the experiment "Machine learning" (not GenAI): the UI
-# then opens it on its runs. (3.17's UI lets its global sidebar switch override it.)
+# then opens it on its runs (3.17's UI follows its global sidebar switch instead: see above).
 KIND_TAG, KIND = "mlflow.experimentKind", "custom_model_development"
 _BAD_KEY_CHARS = re.compile(r"[^/\w.\- :]")  # what mlflow accepts in param and metric names
 # MLflow raises without psutil; GPUs are simply skipped without nvidia-ml-py.
