@@ -4,11 +4,11 @@ import json
 
 import torch
 
-from pipeline import tracking
 from pipeline.data import token_stream, windows
 from pipeline.model.demo import pretrain_demo, stdlib_corpus, train_tokenizer
 from pipeline.model.resolve import describe_model
 from pipeline.model.structure import count_params
+from pipeline.run import tracking
 from pipeline.run.hashing import inputs_key
 from pipeline.run.outputs import BASE, BASE_MODEL, BASE_WORK, DEMO_CORPUS, RESOLVED, atomic_dir, write_json
 from pipeline.run.plots import training_curve

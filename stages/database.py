@@ -4,7 +4,6 @@ of each level. Under torchrun the calibration windows and the OBS work are sprea
 
 import torch
 
-from pipeline import tracking
 from pipeline.data import load_tokens
 from pipeline.errors import ConfigError
 from pipeline.model.structure import MODULE_TYPES, dense_source, load_dense_model, structure_of
@@ -12,6 +11,7 @@ from pipeline.pruning import database, obs
 from pipeline.pruning.block_stream import activation_bytes
 from pipeline.pruning.database import build_database, check_units, finished_modules, obs_unit_heads
 from pipeline.pruning.sizes import database_output_bytes, database_working_bytes
+from pipeline.run import tracking
 from pipeline.run.hashing import inputs_key, model_fingerprint, tensor_sha256
 from pipeline.run.outputs import DATABASE, DATABASE_WORK, move_dir_into_place
 from pipeline.run.plots import obs_losses

@@ -1,13 +1,13 @@
 """Stage evaluate: perplexity on the held-out eval set of the dense model, the searched and the
 uniform models (one-shot and finetuned), sizes, and one self-contained MLflow run for comparison."""
 
-from pipeline import tracking
 from pipeline.data import load_tokens
 from pipeline.evaluate import measure_speed, perplexity, run_lm_eval
 from pipeline.model.export import load_pruned
 from pipeline.model.materialize import materialize
 from pipeline.model.structure import count_params, dense_source
 from pipeline.pruning.database import open_with_dense_model
+from pipeline.run import tracking
 from pipeline.run.outputs import MODELS, levels_path, metrics_path, read_json
 from pipeline.run.plots import layer_structure
 from pipeline.run.resources import gib

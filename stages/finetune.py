@@ -4,7 +4,6 @@ import argparse
 
 import pandas as pd
 
-from pipeline import tracking
 from pipeline.data import load_tokens
 from pipeline.evaluate import perplexity
 from pipeline.model.card import STRUCTURE_PNG, model_card
@@ -12,6 +11,7 @@ from pipeline.model.export import save_pruned
 from pipeline.model.materialize import materialize
 from pipeline.model.structure import count_params
 from pipeline.pruning.database import MANIFEST, open_with_dense_model
+from pipeline.run import tracking
 from pipeline.run.hashing import inputs_key
 from pipeline.run.outputs import (
     DATABASE,

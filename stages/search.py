@@ -3,11 +3,11 @@ generation (outside DVC's outputs) and resumes an interrupted search of the same
 
 import pandas as pd
 
-from pipeline import tracking
 from pipeline.data import load_tokens
 from pipeline.evaluate import perplexity
 from pipeline.model.structure import count_params, dense_source
 from pipeline.pruning.database import MANIFEST, open_with_dense_model
+from pipeline.run import tracking
 from pipeline.run.hashing import inputs_key
 from pipeline.run.outputs import (
     DATABASE,

@@ -1,18 +1,20 @@
-"""MLflow conventions (pipeline/tracking.py) against a real sqlite store in a temp git repo."""
+"""MLflow conventions (pipeline/run/tracking.py) against a real sqlite store in a temp git repo."""
 import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 # First, before anything imports mlflow: it decides about telemetry at import time.
-from pipeline import tracking  # isort: skip
-from pipeline.tracking import flatten, stage_run  # isort: skip
+from pipeline.run import tracking  # isort: skip
+from pipeline.run.tracking import flatten, stage_run  # isort: skip
 
 import matplotlib
 import mlflow
 import pytest
 from mlflow import MlflowClient
+from mlflow.entities import LoggedModelStatus
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -227,11 +229,11 @@ def test_metrics_with_steps_nested_keys_and_non_numbers_skipped(repo):
 
 
 def test_long_param_values_are_truncated(repo):
-    with _stage("search", {"s": "x" * 10_000, "l": list(range(5000))}) as run:
+    with _stage("search", {"s": "x" * 10_000, "l": list(range(5000))}) as run:  # mlflow clips to 6000
         pass
     params = _client(repo).get_run(run.info.run_id).data.params
-    assert len(params["s"]) == 6000 and params["s"].endswith("[truncated]")
-    assert len(params["l"]) == 6000
+    assert params["s"] == "x" * 6000
+    assert len(params["l"]) == 6000 and params["l"].startswith("[0, 1, 2")
 
 
 def test_explicit_tracking_uri_keeps_artifacts_next_to_the_db(repo, tmp_path, monkeypatch, template_db):
@@ -274,7 +276,7 @@ def test_import_turns_telemetry_off_unless_the_user_chose(tmp_path):
            if k not in ("MLFLOW_DISABLE_TELEMETRY", "DO_NOT_TRACK", "MLFLOW_DISABLE_AGENT_HINT")}
     env.update(DO_NOT_TRACK="false", AGENT="1", HOME=str(tmp_path),
                PYTHONPATH=str(Path(__file__).resolve().parents[1]))
-    code = ("import os, pipeline.tracking\n"
+    code = ("import os, pipeline.run.tracking\n"
             "from mlflow.telemetry import get_telemetry_client\n"
             "print(os.environ['MLFLOW_DISABLE_TELEMETRY'], os.environ['DO_NOT_TRACK'], get_telemetry_client())")
     out = subprocess.run([sys.executable, "-c", code], env=env, cwd=tmp_path, capture_output=True, text=True,
@@ -282,3 +284,60 @@ def test_import_turns_telemetry_off_unless_the_user_chose(tmp_path):
     assert out.stdout.split() == ["true", "false", "None"]
     assert out.stderr == ""  # e.g. no import-time hint for coding agents
     assert not (tmp_path / ".config" / "mlflow").exists()  # no telemetry installation id written
+
+
+def test_disabled_stage_does_not_log_to_another_active_run(repo):
+    mlflow.set_tracking_uri(f"sqlite:///{repo / 'mlflow.db'}")
+    outer = mlflow.start_run()
+    with _stage("database", enabled=False):
+        tracking.log_metrics({"loss": 1.0})
+        tracking.set_tags({"a": "b"})
+    mlflow.end_run()
+    data = _client(repo).get_run(outer.info.run_id).data
+    assert data.metrics == {} and "a" not in data.tags
+
+
+def test_experiment_opens_as_machine_learning_not_genai(repo):
+    client = _client(repo)
+    with _stage("database"):
+        pass
+    assert client.get_experiment_by_name(EXPERIMENT).tags["mlflow.experimentKind"] == "custom_model_development"
+    other = client.create_experiment("made-elsewhere")  # existing, without the tag: it gets one
+    with stage_run("database", {}, ALL_PARAMS, "made-elsewhere"):
+        pass
+    assert client.get_experiment(other).tags["mlflow.experimentKind"] == "custom_model_development"
+
+
+def test_stage_runs_record_system_metrics(repo, monkeypatch):
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.2")
+    with _stage("database") as run:
+        time.sleep(0.7)  # a few sampling intervals
+    client = _client(repo)
+    metrics = client.get_run(run.info.run_id).data.metrics
+    assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= set(metrics)
+    assert len(client.get_metric_history(run.info.run_id, "system/cpu_utilization_percentage")) >= 2
+
+
+def test_log_model_records_a_logged_model_with_metrics_and_registers_it(repo, tmp_path):
+    folder = tmp_path / "model_searched"
+    folder.mkdir()
+    (folder / "config.json").write_text('{"model_type": "llama"}')
+    (folder / "model.safetensors").write_bytes(b"\0" * 64)
+    with _stage("finetune@searched") as run:
+        model_id = tracking.log_model(folder, "finetune@searched", {"ppl": 12.5, "eval": {"loss": 2.5}, "x": "no"},
+                                      register_as="darwinlm-searched")
+    client = _client(repo)
+    [model] = client.search_logged_models([run.info.experiment_id],
+                                          filter_string=f"source_run_id = '{run.info.run_id}'")
+    assert model.model_id == model_id and model.status == LoggedModelStatus.READY
+    assert {m.key: m.value for m in model.metrics} == {"ppl": 12.5, "eval.loss": 2.5}
+    assert {m.key for m in model.metrics if m.run_id == run.info.run_id} == {"ppl", "eval.loss"}
+    assert client.get_run(run.info.run_id).data.metrics["ppl"] == 12.5
+    assert [o.model_id for o in client.get_run(run.info.run_id).outputs.model_outputs] == [model_id]
+    assert sorted(f.path for f in client.list_logged_model_artifacts(model_id)) == ["config.json",
+                                                                                   "model.safetensors"]
+    version = client.get_model_version("darwinlm-searched", "1")
+    assert version.source == f"models:/{model_id}"
+    assert '"version": 1' in client.get_logged_model(model_id).tags["mlflow.modelVersions"]
+    with _stage("evaluate", enabled=False):
+        assert tracking.log_model(folder, "x", register_as="darwinlm-searched") is None

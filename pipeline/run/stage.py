@@ -8,10 +8,9 @@ import sys
 import time
 from collections.abc import Callable
 
-from pipeline import tracking
 from pipeline.config import Params, load_params
 from pipeline.errors import ConfigError, UserError
-from pipeline.run import distributed
+from pipeline.run import distributed, tracking
 from pipeline.run.outputs import metrics_path, write_json
 
 USER_ERRORS = (UserError, FileNotFoundError)

@@ -1,0 +1,277 @@
+"""MLflow conventions of the pipeline: one parent run per pipeline execution, one child run per stage.
+
+Each DVC stage is its own process, so the parent run cannot be passed along in memory. It is found
+again by a key: ``pipeline_key`` = sha256(git commit, DVC experiment name, full params)[:16]. A
+stage looks up the RUNNING run tagged ``pipeline_key=<key>`` and ``darwinlm.role=pipeline``,
+creates it if there is none, and nests its own run under it. The last stage
+(``close_pipeline=True``) marks the parent FINISHED, so a later execution with the same key starts
+a new parent; a failed stage leaves it RUNNING, so a re-run continues under the same parent.
+
+Store: ``MLFLOW_TRACKING_URI`` if set, else ``sqlite:///<root>/mlflow.db`` with artifacts in
+``<root>/mlartifacts``; ``<root>`` is ``DVC_ROOT`` (set by DVC, and pointing at the original repo
+for queued experiments run in a temp copy), else the git top level of the cwd, else the cwd.
+
+Inside ``stage_run`` the stage's run is MLflow's active run (per thread) and the helpers log to it
+with MLflow's fluent API; a disabled stage has no run and the helpers do nothing. Stage runs
+record system metrics (``system/...`` every second unless ``MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL``
+is set; needs psutil, and nvidia-ml-py for GPUs). The experiment is tagged as a machine-learning
+one; the MLflow 3.17 UI itself follows its sidebar switch, so link it as
+``<ui>/#/experiments/<id>?workflowType=machine_learning`` to open on the runs, not GenAI traces.
+
+Telemetry: MLflow decides at ``import mlflow`` (``MLFLOW_DISABLE_TELEMETRY`` or ``DO_NOT_TRACK``),
+so both default to "true" here before mlflow is imported; a user's own setting wins. If mlflow was
+imported first, its telemetry client is switched off again, but it has already written an
+installation id to ~/.config/mlflow: import this module before anything that imports mlflow.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import importlib.util
+import json
+import logging
+import numbers
+import os
+import re
+import subprocess
+import sys
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+# Must be set before mlflow is imported: its telemetry client is created at import time.
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("DO_NOT_TRACK", "true")
+os.environ.setdefault("MLFLOW_DISABLE_AGENT_HINT", "1")  # import-time message aimed at coding agents
+_MLFLOW_WAS_IMPORTED = "mlflow" in sys.modules
+
+import mlflow  # noqa: E402
+from mlflow import MlflowClient  # noqa: E402
+from mlflow.entities import LoggedModelOutput, Param  # noqa: E402
+from mlflow.exceptions import MlflowException  # noqa: E402
+
+if _MLFLOW_WAS_IMPORTED:  # imported before us: re-evaluate telemetry with the defaults above
+    with contextlib.suppress(Exception):
+        from mlflow.telemetry import set_telemetry_client
+
+        set_telemetry_client()
+
+ROLE_TAG = "darwinlm.role"
+# What MLflow's UI writes when a user marks the experiment "Machine learning" (not GenAI): the UI
+# then opens it on its runs (3.17's UI follows its global sidebar switch instead: see above).
+KIND_TAG, KIND = "mlflow.experimentKind", "custom_model_development"
+_BAD_KEY_CHARS = re.compile(r"[^/\w.\- :]")  # what mlflow accepts in param and metric names
+# MLflow raises without psutil; GPUs are simply skipped without nvidia-ml-py.
+_SYSTEM_METRICS = importlib.util.find_spec("psutil") is not None
+if os.environ.get("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL") is None:
+    mlflow.set_system_metrics_sampling_interval(1)  # MLflow's 10 s would miss most demo stages
+_disabled = False  # inside a disabled stage_run: the helpers must not log to another active run
+
+
+def _git(*args: str) -> str | None:
+    try:
+        out = subprocess.run(["git", *args], capture_output=True, text=True, timeout=10, check=True)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
+
+
+def tracking_root() -> Path:
+    """``DVC_ROOT``, else the git top level of the cwd, else the cwd."""
+    if os.environ.get("DVC_ROOT"):
+        return Path(os.environ["DVC_ROOT"]).resolve()
+    top = _git("rev-parse", "--show-toplevel")
+    return Path(top).resolve() if top else Path.cwd().resolve()
+
+
+def tracking_uri() -> str:
+    """``MLFLOW_TRACKING_URI`` if set, else ``sqlite:///<tracking_root()>/mlflow.db``."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(tracking_root() / 'mlflow.db').as_posix()}"
+
+
+def _artifact_location(uri: str) -> str | None:
+    """``<folder of the db>/mlartifacts`` for a sqlite store, else None (the server chooses).
+    Without it mlflow puts artifacts under ``./mlruns`` of the cwd, which for a queued DVC
+    experiment is a temp copy that gets deleted."""
+    db = uri[len("sqlite:///"):].split("?", 1)[0] if uri.startswith("sqlite:///") else ""
+    return None if db in ("", ":memory:") else (Path(db).resolve().parent / "mlartifacts").as_uri()
+
+
+def _sha(obj: Any, n: int) -> str:
+    # Key order must not matter; separators as before so existing pipeline keys stay the same.
+    text = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:n]
+
+
+def flatten(d: Mapping, prefix: str = "") -> dict[str, Any]:
+    """``{"search": {"target": 0.5}}`` -> ``{"search.target": 0.5}``. Lists, tuples and sets become
+    JSON strings; an empty dict becomes ``"{}"``; scalars stay as they are."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}.{k}" if prefix else str(k)
+        if isinstance(v, Mapping):
+            out.update(flatten(v, key) if v else {key: "{}"})
+        else:
+            out[key] = json.dumps(v, default=str) if isinstance(v, (list, tuple, set, frozenset)) else v
+    return out
+
+
+def _key(key: str) -> str:
+    return _BAD_KEY_CHARS.sub("_", key)[:250]  # mlflow rejects (not truncates) longer keys
+
+
+def _number(v: Any) -> float | None:
+    """A real number as float (numpy scalars and 0-d tensors too); None for anything else, bools included."""
+    if getattr(v, "ndim", None) == 0 and hasattr(v, "item"):
+        v = v.item()
+    return None if isinstance(v, bool) or not isinstance(v, numbers.Real) else float(v)
+
+
+@dataclasses.dataclass(frozen=True)
+class StageRun:
+    """What ``stage_run`` yields; ``run_id`` is None when tracking is disabled. Also readable as
+    ``info.run_id`` etc., like mlflow's own run objects."""
+    run_id: str | None
+    parent_run_id: str | None = None
+    experiment_id: str | None = None
+    pipeline_key: str | None = None
+
+    info = property(lambda self: self)
+
+
+def _experiment_id(client: MlflowClient, name: str, artifact_location: str | None) -> str:
+    exp = client.get_experiment_by_name(name)
+    if exp is None:
+        try:
+            return client.create_experiment(name, artifact_location, tags={KIND_TAG: KIND})
+        except MlflowException:  # created meanwhile by a concurrent stage?
+            if (exp := client.get_experiment_by_name(name)) is None:
+                raise
+    if exp.lifecycle_stage == "deleted":
+        logging.getLogger(__name__).warning("MLflow experiment %r was deleted; restoring it", name)
+        client.restore_experiment(exp.experiment_id)
+    if KIND_TAG not in exp.tags:  # created before this convention, by mlflow itself, or by hand
+        client.set_experiment_tag(exp.experiment_id, KIND_TAG, KIND)
+    return exp.experiment_id
+
+
+def _parent_run(client: MlflowClient, experiment_id: str, key: str, tags: dict, all_params: Mapping) -> str:
+    found = mlflow.search_runs([experiment_id], output_format="list", max_results=1,
+                               filter_string=f"tags.pipeline_key = '{key}' and tags.`{ROLE_TAG}` = 'pipeline' "
+                                             "and attributes.status = 'RUNNING'",
+                               order_by=["attributes.start_time DESC"])
+    if found:
+        return found[0].info.run_id
+    # Not started with mlflow.start_run: it must outlive this process's run and stay RUNNING.
+    run = client.create_run(experiment_id, run_name=f"pipeline {tags['dvc_experiment']}",
+                            tags={**tags, ROLE_TAG: "pipeline"})
+    client.log_batch(run.info.run_id, params=[Param(_key(k), str(v)) for k, v in flatten(all_params).items()])
+    return run.info.run_id
+
+
+@contextlib.contextmanager
+def stage_run(stage: str, stage_params: Mapping, all_params: Mapping, experiment: str,
+              enabled: bool = True, close_pipeline: bool = False) -> Iterator[StageRun]:
+    """One MLflow run for one stage execution, nested under the pipeline's parent run.
+
+    Logs ``stage_params`` flattened as params and tags the run with ``stage``, ``git_commit``,
+    ``dvc_experiment``, ``params_hash`` and ``pipeline_key``. On exit the run is FINISHED, or
+    FAILED (KILLED for Ctrl-C) if an exception escapes (it is re-raised). With ``close_pipeline``
+    a successful exit also marks the parent FINISHED. Disabled: touches no store and yields a
+    ``StageRun`` whose ``run_id`` is None. Must not be entered while another mlflow run is active.
+    """
+    global _disabled
+    if not enabled:
+        before, _disabled = _disabled, True
+        try:
+            yield StageRun(None)
+        finally:
+            _disabled = before
+        return
+
+    for name in ("mlflow.store.db.utils", "alembic", "mlflow.system_metrics"):  # chatter on every stage
+        if logging.getLogger(name).level == logging.NOTSET:
+            logging.getLogger(name).setLevel(logging.WARNING)
+    uri = tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    client = MlflowClient()
+    experiment_id = _experiment_id(client, experiment, _artifact_location(uri))
+    commit = _git("rev-parse", "HEAD") or "unknown"
+    dvc_exp = os.environ.get("DVC_EXP_NAME") or "workspace"
+    key = _sha({"git_commit": commit, "dvc_experiment": dvc_exp, "params": all_params}, 16)
+    common = {"git_commit": commit, "dvc_experiment": dvc_exp, "pipeline_key": key}
+    parent_id = _parent_run(client, experiment_id, key, {**common, "params_hash": _sha(all_params, 12)}, all_params)
+
+    tags = {**common, "stage": stage, "params_hash": _sha(stage_params, 12), ROLE_TAG: "stage"}
+    run = mlflow.start_run(experiment_id=experiment_id, run_name=stage, parent_run_id=parent_id, tags=tags,
+                           log_system_metrics=_SYSTEM_METRICS)
+    try:
+        mlflow.log_params({_key(k): v for k, v in flatten(stage_params).items()})  # mlflow clips long values
+        yield StageRun(run.info.run_id, parent_id, experiment_id, key)
+    except BaseException as exc:
+        with contextlib.suppress(Exception):
+            mlflow.set_tag("darwinlm.error", f"{type(exc).__name__}: {exc}")
+        mlflow.end_run("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+        raise
+    mlflow.end_run("FINISHED")
+    if close_pipeline:
+        client.set_terminated(parent_id, "FINISHED")
+
+
+def _active() -> bool:
+    return not _disabled and mlflow.active_run() is not None
+
+
+def log_metrics(metrics: Mapping, step: int | None = None, model_id: str | None = None) -> None:
+    """Log numbers of a (nested) dict with dotted keys; non-numbers (and bools) are skipped."""
+    numbers_only = {_key(k): x for k, v in flatten(metrics).items() if (x := _number(v)) is not None}
+    if _active() and numbers_only:
+        mlflow.log_metrics(numbers_only, step=step, model_id=model_id)
+
+
+def log_figure(fig, name: str) -> None:
+    """A matplotlib figure as ``plots/<name>`` (``.png`` appended when ``name`` has no suffix)."""
+    if _active():
+        mlflow.log_figure(fig, f"plots/{name}" + ("" if Path(name).suffix else ".png"))
+
+
+def log_artifacts(path: str | os.PathLike, artifact_path: str | None = None) -> None:
+    """A file or a whole folder as artifact(s) under ``artifact_path``."""
+    if _active():
+        (mlflow.log_artifacts if Path(path).is_dir() else mlflow.log_artifact)(str(path), artifact_path)
+
+
+def log_dict(d: Mapping, name: str) -> None:
+    """A dict as a JSON artifact (YAML if ``name`` ends in .yaml/.yml; ``.json`` appended if no suffix)."""
+    if _active():  # through JSON first so that Paths and the like become strings in YAML too
+        mlflow.log_dict(json.loads(json.dumps(d, default=str)), name + ("" if Path(name).suffix else ".json"))
+
+
+def set_tags(d: Mapping) -> None:
+    if _active() and d:
+        mlflow.set_tags({_key(str(k)): str(v) for k, v in d.items()})
+
+
+def log_model(folder: str | os.PathLike, name: str, metrics: Mapping | None = None,
+              register_as: str | None = None) -> str | None:
+    """A saved Hugging Face model folder as an MLflow logged model of the stage's run (its files are
+    the model's artifacts), with ``metrics`` logged to the run and linked to the model, and
+    registered as a new version of ``register_as`` if given. Returns the model id (None if disabled).
+    Not an MLflow flavor: the folder is loaded with transformers, not ``mlflow.pyfunc``."""
+    if not _active():
+        return None
+    if not Path(folder).is_dir():
+        raise FileNotFoundError(f"cannot log model '{folder}': no such folder")
+    model = mlflow.initialize_logged_model(name=re.sub(r"[/:.%\"']", "_", name), model_type="huggingface")
+    mlflow.log_outputs([LoggedModelOutput(model.model_id, step=0)])  # listed as an output of the run
+    try:
+        MlflowClient().log_model_artifacts(model.model_id, str(folder))
+    except BaseException:
+        mlflow.finalize_logged_model(model.model_id, "FAILED")
+        raise
+    mlflow.finalize_logged_model(model.model_id, "READY")
+    log_metrics(metrics or {}, model_id=model.model_id)
+    if register_as:
+        mlflow.register_model(f"models:/{model.model_id}", register_as)
+    return model.model_id
