@@ -202,6 +202,7 @@ class EvaluateParams(Section):
 class TrackingParams(Section):
     enabled: bool
     experiment: Annotated[str, _given("an MLflow experiment name")]
+    register_as: str | None = None  # register the pruned models as '<register_as>-searched' / '-uniform'
 
 
 class ComputeParams(Section):

@@ -57,6 +57,11 @@ def main(params, say, group):
     }
     tracking.log_metrics({k: v for k, v in metrics.items() if k in ("ppl", "gain_over_uniform", "params", "speed",
                                                                      "speedup", "lm_eval")})
+    prefix = params.tracking.register_as
+    for name in ("searched", "uniform"):  # logged models, with the metrics that describe them
+        tracking.log_model(MODELS[name], f"pruned_{name}", register_as=f"{prefix}-{name}" if prefix else None,
+                           metrics={"ppl_oneshot": ppl[f"{name}_oneshot"], "ppl_finetuned": ppl[f"{name}_finetuned"],
+                                    "parameters": sizes[name]})
     return metrics
 
 

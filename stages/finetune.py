@@ -91,7 +91,6 @@ def main(name, params, say, group):
                                                                   "loss": losses}).to_csv(index=False))
     if losses:
         tracking.log_figure(training_curve(losses, f"finetune {name}"), f"finetune_{name}_loss.png")
-    tracking.log_artifacts(out, f"model_{name}")
     checkpoint.unlink(missing_ok=True)
     return {"parameters": count_params(model), "final_loss": sum(losses[-10:]) / max(1, len(losses[-10:])),
             "eval_ppl": results["pruned and trained"], "eval_ppl_oneshot": oneshot_ppl}

@@ -121,8 +121,14 @@ def test_mlflow_runs_nest_under_one_parent_with_tags_params_and_upstream_ids(rep
     assert evaluate.data.metrics["ppl.searched_oneshot"] > 0
     fitness = client.get_metric_history(children["search"].info.run_id, "fitness")
     assert [m.step for m in fitness] == [1, 2, 3]
-    artifacts = [a.path for a in client.list_artifacts(children["finetune@searched"].info.run_id, "model_searched")]
-    assert "model_searched/config.json" in artifacts
+    # the pruned models are MLflow logged models of the evaluate run, with their metrics linked
+    models = {m.name: m for m in client.search_logged_models(
+        experiment_ids=[evaluate.info.experiment_id], filter_string=f"source_run_id = '{evaluate.info.run_id}'")}
+    assert set(models) == {"pruned_searched", "pruned_uniform"}
+    searched = models["pruned_searched"]
+    assert {m.key: m.value for m in searched.metrics}["ppl_finetuned"] == pytest.approx(
+        _metrics(repo, "evaluate")["ppl"]["searched_finetuned"])
+    assert "config.json" in [a.path for a in client.list_logged_model_artifacts(searched.model_id)]
     plots = [a.path for a in client.list_artifacts(children["search"].info.run_id, "plots")]
     assert "plots/search_curve.png" in plots
 
