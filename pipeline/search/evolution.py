@@ -219,10 +219,10 @@ def _score_stage(swapper: LevelSwapper, candidates, stage: SelectionStage, p: Se
     for i, levels in enumerate(candidates):
         if not group.owns(i):
             continue
-        swapper.apply(levels)
-        if trains:
+        if trains:  # built from the database: the dense-shaped model's swapped projections are not read
             mine[i] = _trained_fitness(swapper, levels, train_batch, train_seed, batch, target, p)
         else:
+            swapper.apply(levels)
             mine[i] = fitness(swapper.model, batch, target, p.batch_size)
     scores = {i: s for part in group.gather(mine) for i, s in part.items()}
     return [scores[i] for i in range(len(candidates))]
