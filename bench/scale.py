@@ -31,6 +31,7 @@ import platform
 import sys
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -141,7 +142,7 @@ def obs_seconds(weight: torch.Tensor, hessian: torch.Tensor, unit: int, obs_dtyp
 def measure(shape: BlockShape, a, device: torch.device) -> dict:
     model = build_block(shape, device, getattr(torch, a.dtype), a.seq_len)
     collect(model, a.seq_len, a.seq_len, 1)  # warm-up: first-call allocations and kernel selection
-    (hessians, n), collect_s = timed(lambda: collect(model, a.tokens, a.seq_len, a.batch_size), device)
+    (hessians, n), collect_s = timed(partial(collect, model, a.tokens, a.seq_len, a.batch_size), device)
     layer = model.layers[0]
     o_proj, down_proj = layer.self_attn.o_proj.weight.detach(), layer.mlp.down_proj.weight.detach()
     obs_dtype = getattr(torch, a.obs_dtype)

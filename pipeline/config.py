@@ -102,7 +102,12 @@ def _source_kind(value) -> str:
 
 
 # "demo", a text file, a list of text files, or a mapping read as a DatasetSpec
-TextSource = Annotated[Annotated[str, Tag("<file>")] | Annotated[list[str], _given("'demo' or text files"), Tag("<files>")] | Annotated[DatasetSpec, Tag("<dataset>")], Discriminator(_source_kind)]
+TextSource = Annotated[
+    Annotated[str, Tag("<file>")]
+    | Annotated[list[str], _given("'demo' or text files"), Tag("<files>")]
+    | Annotated[DatasetSpec, Tag("<dataset>")],
+    Discriminator(_source_kind),
+]
 
 
 class DataParams(Section):
@@ -267,7 +272,8 @@ def load_params(path: str | os.PathLike = "params.yaml") -> Params:
         raise ConfigError(_message(err.errors()[0])) from None
 
 
-_EXPECTED = {"bool_type": "true or false", "int_type": "an integer", "float_type": "a number", "string_type": "a string",
+_EXPECTED = {"bool_type": "true or false", "int_type": "an integer", "float_type": "a number",
+             "string_type": "a string",
              "list_type": "a list", "tuple_type": "a list", "model_type": "a mapping of keys"}
 _SIGNS = {"gt": ">", "ge": ">=", "lt": "<", "le": "<="}  # as in "must be > 0"; a range reads "0 < x <= 1"
 

@@ -62,7 +62,7 @@ def tiny_family(family: str, seed=0, layers=2, heads=4, kv_heads=2, hidden=32, i
     torch.manual_seed(seed)
     model = models[family](configs[family](**kw)).eval()
     with torch.no_grad():
-        for name, p in model.named_parameters():
+        for p in model.parameters():
             if p.dim() == 2:
                 p.mul_(4.0)
             else:  # biases and norm weights away from their trivial init

@@ -1,5 +1,6 @@
 """Run under `torchrun --nproc-per-node N` by tests/test_distributed.py: one piece of pipeline work
 on a tiny model with N gloo processes, results written for the test to compare with one process."""
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -68,10 +69,8 @@ def train_interrupted_then_resumed(db_path: Path, group, checkpoint: Path):
     def stop_after_step_4(step, _values):
         if step == 3:
             raise Interrupted
-    try:
+    with contextlib.suppress(Interrupted):
         train(db_path, group, True, checkpoint, stop_after_step_4)
-    except Interrupted:
-        pass
     group.barrier()  # rank 0 has finished writing the checkpoint
     steps_run = []
     losses, weights = train(db_path, group, True, checkpoint, lambda step, _values: steps_run.append(step))

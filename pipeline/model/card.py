@@ -16,6 +16,8 @@ def model_card(params: Params, name: str, levels: dict, dense_params: int, prune
     results = "\n".join(f"| {model} | {ppl:.3f} |" for model, ppl in perplexities.items())
     layers = "\n".join(f"| {i} | {a} | {m} | {len(q)} | {len(kv)} | {n} |" for i, (a, m, q, kv, n) in enumerate(
         zip(levels["attn"], levels["mlp"], shape["q"], shape["kv"], shape["neurons"])))
+    how = ("per-layer levels found by evolutionary search" if name == "searched"
+           else "every layer at the same level: the uniform baseline")
     return f"""---
 library_name: transformers
 tags: [pruned, structured-pruning, darwinlm]
@@ -23,7 +25,7 @@ tags: [pruned, structured-pruning, darwinlm]
 # {'DarwinLM-searched' if name == 'searched' else 'Uniformly'} pruned `{params.model.name_or_path}`
 
 Structurally pruned with darwinlm-pipeline: whole attention heads and MLP neurons removed
-({'per-layer levels found by evolutionary search' if name == 'searched' else 'every layer at the same level: the uniform baseline'}),
+({how}),
 output projections corrected by structured OBS, then trained {params.finetune.steps} steps.
 
 - Parameters: {dense_params:,} (dense) -> {pruned_params:,} ({pruned_params / dense_params:.1%})

@@ -95,7 +95,7 @@ def materialize(dense_model, structure: Structure, level_weights: dict) -> Prune
         model.lm_head.weight = pruned.embed_tokens.weight
     else:
         same(model.lm_head, dense_model.lm_head)
-    for name, buffer in list(model.named_buffers()):  # as the dense model has them, dtype included
+    for name, _ in list(model.named_buffers()):  # as the dense model has them, dtype included
         owner, _, leaf = name.rpartition(".")
         setattr(model.get_submodule(owner), leaf, dense_model.get_buffer(name).to(first.device, copy=True))
     left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
