@@ -10,11 +10,11 @@ import statistics
 import sys
 import time
 
-sys.path.insert(0, ".")
 import torch
 
-new = len(sys.argv) > 1 and sys.argv[1] == "new"
-if new:
+sys.path.insert(0, ".")  # the checkout this is run from: the current layout, or the one before it
+NEW = len(sys.argv) > 1 and sys.argv[1] == "new"
+if NEW:
     from pipeline.config import load_params
     from pipeline.model.structure import load_dense
     from pipeline.pruning.database import Database
@@ -26,15 +26,31 @@ else:
     from pipeline.fitness import teacher_targets
     from pipeline.modeling import load_dense
     from pipeline.search import LevelSwapper, evolve, uniform_levels
-params = load_params("params.yaml")
-p = params.search.model_copy(update={"generations": 4}) if new else dataclasses.replace(params.search, generations=4)
-db = Database("database"); model, _ = load_dense("base/model")
-fit, train = torch.load("data/tokens/fitness.pt"), torch.load("data/tokens/train.pt")
-teacher = teacher_targets(model, fit, p.batch_size, p.fitness, p.topk)
-start = uniform_levels(p.target, db.levels, db.structure.num_layers)
-times, parents = [], []
-for _ in range(3):
-    sw = LevelSwapper(model, db); sw.apply(start)
-    t = time.perf_counter(); state = evolve(sw, start, p, fit, teacher, train); times.append((time.perf_counter() - t) / 4)
-    parents.append(state.parent)
-print(("new" if new else "old"), "median s/generation", round(statistics.median(times), 3), [round(x, 3) for x in times], parents[0], [h["fitness"] for h in state.history])
+
+GENERATIONS, REPEATS = 4, 3
+
+
+def main():
+    params = load_params("params.yaml")
+    if NEW:
+        p = params.search.model_copy(update={"generations": GENERATIONS})
+    else:
+        p = dataclasses.replace(params.search, generations=GENERATIONS)
+    db = Database("database")
+    model, _ = load_dense("base/model")
+    fitness_set, train_set = torch.load("data/tokens/fitness.pt"), torch.load("data/tokens/train.pt")
+    teacher = teacher_targets(model, fitness_set, p.batch_size, p.fitness, p.topk)
+    start = uniform_levels(p.target, db.levels, db.structure.num_layers)
+    times = []
+    for _ in range(REPEATS):
+        swapper = LevelSwapper(model, db)
+        swapper.apply(start)
+        began = time.perf_counter()
+        state = evolve(swapper, start, p, fitness_set, teacher, train_set)
+        times.append((time.perf_counter() - began) / GENERATIONS)
+    print("new" if NEW else "old", "median s/generation", round(statistics.median(times), 3),
+          [round(t, 3) for t in times], state.parent, [h["fitness"] for h in state.history])
+
+
+if __name__ == "__main__":
+    main()
