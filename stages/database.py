@@ -5,7 +5,6 @@ of each level. Under torchrun the calibration windows and the OBS work are sprea
 import torch
 
 from pipeline.data import load_tokens
-from pipeline.errors import ConfigError
 from pipeline.model.structure import MODULE_TYPES, dense_source, load_dense_model, structure_of
 from pipeline.pruning import database, obs
 from pipeline.pruning.block_stream import activation_bytes
@@ -23,10 +22,7 @@ def main(params, say, group):
     p = params.database
     model, _ = load_dense_model(params)
     structure = structure_of(model)
-    try:
-        check_units(structure, p.attn_unit, p.mlp_unit)
-    except ValueError as err:
-        raise ConfigError(str(err)) from None
+    check_units(structure, p.attn_unit, p.mlp_unit)
     calib = load_tokens("calib")
     say(f"{structure.num_layers} layers, {structure.num_heads} query heads / {structure.num_kv_heads} kv heads, "
         f"{structure.intermediate_size} neurons; Hessians over {calib.numel():,} tokens, streamed block by block "

@@ -69,8 +69,8 @@ def materialize(dense_model, structure: Structure, level_weights: dict) -> Prune
         q_units, o_weight = level_weights[(i, ATTN)]
         if config.layers[i]["q_heads"]:
             same(layer.input_layernorm, source.input_layernorm)
-            q_rows = unit_indices(torch.as_tensor(q_units), d)
-            kv_rows = unit_indices(torch.tensor(config.layers[i]["kv_heads"], dtype=torch.long), d)
+            q_rows = unit_indices(q_units, d)
+            kv_rows = unit_indices(config.layers[i]["kv_heads"], d)
             for proj, rows in (("q_proj", q_rows), ("k_proj", kv_rows), ("v_proj", kv_rows)):
                 for name, param in getattr(dense_attn, proj).named_parameters():
                     put(getattr(attn, proj), name, param[rows])

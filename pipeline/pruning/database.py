@@ -15,7 +15,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from pipeline.errors import DatabaseError
+from pipeline.errors import ConfigError, DatabaseError
 from pipeline.model.structure import MODULE_TYPES, Structure, load_dense_model, output_projection, unit_indices
 from pipeline.pruning.block_stream import BlockRunner
 from pipeline.pruning.obs import greedy_obs, prepare_hessian, removal_counts
@@ -71,9 +71,9 @@ def obs_unit_heads(structure: Structure, module: str, attn_unit: str, mlp_unit: 
 
 def check_units(structure: Structure, attn_unit: str, mlp_unit: int) -> None:
     if attn_unit not in ("query", "kv_group"):
-        raise ValueError(f"database.attn_unit is {attn_unit!r}: valid values are 'query', 'kv_group'")
+        raise ConfigError(f"database.attn_unit is {attn_unit!r}: valid values are 'query', 'kv_group'")
     if structure.intermediate_size % mlp_unit:
-        raise ValueError(f"database.mlp_unit ({mlp_unit}) does not divide the MLP width "
+        raise ConfigError(f"database.mlp_unit ({mlp_unit}) does not divide the MLP width "
                          f"({structure.intermediate_size}); pick a divisor")
 
 

@@ -11,14 +11,18 @@ import torch
 _BLOCK = 1 << 22
 
 
+def _json_bytes(value) -> bytes:
+    return json.dumps(value, sort_keys=True, default=str).encode()  # sorted: dict order does not matter
+
+
 def json_sha256(value, length: int = 64) -> str:
-    """sha256 of `value` as JSON with sorted keys (so dict order does not matter)."""
-    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:length]
+    """sha256 of `value` as JSON with sorted keys."""
+    return hashlib.sha256(_json_bytes(value)).hexdigest()[:length]
 
 
 def inputs_key(values, files=()) -> str:
     """Identifies one piece of work by its params and the bytes of its input files."""
-    digest = hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode())
+    digest = hashlib.sha256(_json_bytes(values))
     for f in files:
         digest.update(Path(f).read_bytes())
     return digest.hexdigest()[:16]

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import importlib.util
 import json
 import logging
@@ -50,6 +49,8 @@ import mlflow  # noqa: E402
 from mlflow import MlflowClient  # noqa: E402
 from mlflow.entities import LoggedModelOutput, Param  # noqa: E402
 from mlflow.exceptions import MlflowException  # noqa: E402
+
+from pipeline.run.hashing import json_sha256  # noqa: E402
 
 if _MLFLOW_WAS_IMPORTED:  # imported before us: re-evaluate telemetry with the defaults above
     with contextlib.suppress(Exception):
@@ -96,12 +97,6 @@ def _artifact_location(uri: str) -> str | None:
     experiment is a temp copy that gets deleted."""
     db = uri[len("sqlite:///"):].split("?", 1)[0] if uri.startswith("sqlite:///") else ""
     return None if db in ("", ":memory:") else (Path(db).resolve().parent / "mlartifacts").as_uri()
-
-
-def _sha(obj: Any, n: int) -> str:
-    # Key order must not matter; separators as before so existing pipeline keys stay the same.
-    text = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:n]
 
 
 def flatten(d: Mapping, prefix: str = "") -> dict[str, Any]:
@@ -199,11 +194,12 @@ def stage_run(stage: str, stage_params: Mapping, all_params: Mapping, experiment
     experiment_id = _experiment_id(client, experiment, _artifact_location(uri))
     commit = _git("rev-parse", "HEAD") or "unknown"
     dvc_exp = os.environ.get("DVC_EXP_NAME") or "workspace"
-    key = _sha({"git_commit": commit, "dvc_experiment": dvc_exp, "params": all_params}, 16)
+    key = json_sha256({"git_commit": commit, "dvc_experiment": dvc_exp, "params": all_params}, 16)
     common = {"git_commit": commit, "dvc_experiment": dvc_exp, "pipeline_key": key}
-    parent_id = _parent_run(client, experiment_id, key, {**common, "params_hash": _sha(all_params, 12)}, all_params)
+    parent_tags = {**common, "params_hash": json_sha256(all_params, 12)}
+    parent_id = _parent_run(client, experiment_id, key, parent_tags, all_params)
 
-    tags = {**common, "stage": stage, "params_hash": _sha(stage_params, 12), ROLE_TAG: "stage"}
+    tags = {**common, "stage": stage, "params_hash": json_sha256(stage_params, 12), ROLE_TAG: "stage"}
     run = mlflow.start_run(experiment_id=experiment_id, run_name=stage, parent_run_id=parent_id, tags=tags,
                            log_system_metrics=_SYSTEM_METRICS)
     try:
