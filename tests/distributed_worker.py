@@ -6,23 +6,19 @@ import sys
 from pathlib import Path
 
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from conftest import (
-    shipped,  # noqa: E402
-    tiny_llama,  # noqa: E402
+from helpers import (
+    shipped,
+    tiny_llama,
 )
 
-from pipeline.config import SelectionStage  # noqa: E402
-from pipeline.model.materialize import materialize  # noqa: E402
-from pipeline.model.structure import structure_of  # noqa: E402
-from pipeline.pruning.database import Database, build_database  # noqa: E402
-from pipeline.run import distributed  # noqa: E402
-from pipeline.search.evolution import LevelSwapper, evolve, uniform_levels  # noqa: E402
-from pipeline.search.fitness import teacher_targets  # noqa: E402
-from pipeline.train import full_state_dict, train_causal_lm  # noqa: E402
+from pipeline.config import SelectionStage
+from pipeline.model.materialize import materialize
+from pipeline.model.structure import structure_of
+from pipeline.pruning.database import Database, build_database
+from pipeline.run import distributed
+from pipeline.search.evolution import LevelSwapper, evolve, uniform_levels
+from pipeline.search.fitness import teacher_targets
+from pipeline.train import full_state_dict, train_causal_lm
 
 TRAIN_LEVELS = {"attn": [1, 4, 2], "mlp": [4, 0, 3]}  # a layer without heads, one without neurons
 

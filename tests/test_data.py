@@ -4,7 +4,7 @@ import codecs
 
 import pytest
 import torch
-from conftest import byte_level_tokenizer, shipped
+from helpers import byte_level_tokenizer, shipped
 
 from pipeline.config import ConfigError, DatasetSpec
 from pipeline.data import (

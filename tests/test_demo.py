@@ -1,7 +1,7 @@
 """The embedded demo: stdlib corpus, byte-level tokenizer and a tiny GQA Llama (small budgets, offline)."""
 import pytest
 import torch
-from conftest import shipped
+from helpers import shipped
 from transformers import LlamaForCausalLM
 
 from pipeline.config import DemoParams

@@ -12,7 +12,7 @@ import textwrap
 
 import pytest
 import torch
-from conftest import shipped, tiny_family
+from helpers import shipped, tiny_family
 
 from pipeline.config import SelectionStage
 from pipeline.model.demo import train_tokenizer

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import tiny_family
+from helpers import tiny_family
 
 from pipeline.evaluate import run_lm_eval
 from pipeline.model.demo import train_tokenizer

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import ROOT
+from helpers import ROOT
 from safetensors.torch import load_file
 
 TINY = {
@@ -92,7 +92,6 @@ def test_repro_produces_every_output(repo):
 
 
 def test_pruned_folder_reloads_with_the_evaluated_perplexity(repo):
-    sys.path.insert(0, str(repo))
     from pipeline.evaluate import perplexity
     from pipeline.model.export import load_pruned
     model = load_pruned(repo / "models/pruned")

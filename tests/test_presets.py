@@ -3,7 +3,7 @@ computed from each architecture's published shape (no weights needed)."""
 from pathlib import Path
 
 import pytest
-from conftest import ROOT
+from helpers import ROOT
 
 from pipeline.config import load_params
 from pipeline.model.structure import Structure

@@ -2,7 +2,7 @@
 loading, the database, one-shot pruning quality and a short search. Skips without ../shared/data."""
 import pytest
 import torch
-from conftest import SHARED_DATA, shipped
+from helpers import SHARED_DATA, shipped
 
 from pipeline.config import ModelParams, SelectionStage
 from pipeline.data import eval_set, read_documents, split_train_sets, token_stream

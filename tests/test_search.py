@@ -3,7 +3,7 @@ import random
 
 import pytest
 import torch
-from conftest import shipped
+from helpers import shipped
 
 from pipeline.config import SelectionStage
 from pipeline.model.structure import structure_of
@@ -115,7 +115,7 @@ def test_search_is_deterministic_never_worse_than_start_and_keeps_budget(tiny_mo
 def test_swapper_after_many_swaps_equals_an_independently_masked_model(tiny_model, setup, tokens):
     import copy
 
-    from conftest import masked_copy
+    from helpers import masked_copy
     db, _, _ = setup
     swapper = LevelSwapper(copy.deepcopy(tiny_model), db)
     rng = random.Random(4)

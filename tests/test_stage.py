@@ -8,16 +8,15 @@ import textwrap
 
 import pytest
 import yaml
-from conftest import ROOT
+from helpers import ROOT
 
 from pipeline.run.outputs import atomic_dir, leftover_temporaries
 
 # A stage that is interrupted while writing both kinds of output: inside atomic_dir (a finished
 # output folder) and inside atomic_file (a checkpoint).
-STAGE = textwrap.dedent(f"""
-    import sys, time
+STAGE = textwrap.dedent("""
+    import time
     from pathlib import Path
-    sys.path.insert(0, {str(ROOT)!r})
     from pipeline.run.outputs import atomic_dir, atomic_file
     from pipeline.run.stage import run_stage
 
@@ -28,7 +27,7 @@ STAGE = textwrap.dedent(f"""
                 partial.write_text("half of a checkpoint")
                 say("writing")
                 time.sleep(60)
-        return {{}}
+        return {}
 
     run_stage("toy", ("search",), body)
 """)

@@ -242,8 +242,8 @@ def test_explicit_tracking_uri_keeps_artifacts_next_to_the_db(repo, tmp_path, mo
     shutil.copy(template_db, store / "custom.db")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{store / 'custom.db'}")
     with _stage("database") as run:
-        tracking.log_artifacts(__file__, "code")
-    assert (store / "mlartifacts" / run.info.run_id / "artifacts" / "code" / Path(__file__).name).is_file()
+        tracking.log_dict({"a": 1}, "summary")
+    assert (store / "mlartifacts" / run.info.run_id / "artifacts" / "summary.json").is_file()
     client = MlflowClient(tracking_uri=f"sqlite:///{store / 'custom.db'}")
     assert client.get_run(run.info.run_id).data.tags["stage"] == "database"
     assert client.get_experiment_by_name("Default") is not None
@@ -261,7 +261,6 @@ def test_disabled_touches_no_store_and_helpers_are_no_ops(tmp_path, monkeypatch)
         tracking.log_metrics({"loss": 1.0}, step=0)
         tracking.log_figure(fig, "x")
         tracking.log_dict({"a": 1}, "d.json")
-        tracking.log_artifacts(tmp_path / "missing", "x")
         tracking.set_tags({"a": "b"})
     plt.close(fig)
     with pytest.raises(KeyError), _stage("evaluate", enabled=False, close_pipeline=True):

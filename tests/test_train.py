@@ -1,7 +1,7 @@
 """Training: an interrupted run resumed from its checkpoint equals an uninterrupted one."""
 import pytest
 import torch
-from conftest import tiny_llama
+from helpers import tiny_llama
 
 from pipeline.train import train_causal_lm
 

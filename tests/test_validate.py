@@ -6,7 +6,7 @@ import sys
 
 import pytest
 import yaml
-from conftest import ROOT, byte_level_tokenizer, shipped, tiny_llama
+from helpers import ROOT, byte_level_tokenizer, shipped, tiny_llama
 
 from pipeline.config import ConfigError, load_params
 from pipeline.data import CorpusError

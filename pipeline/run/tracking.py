@@ -1,28 +1,6 @@
-"""MLflow conventions of the pipeline: one parent run per pipeline execution, one child run per stage.
-
-Each DVC stage is its own process, so the parent run cannot be passed along in memory. It is found
-again by a key: ``pipeline_key`` = sha256(git commit, DVC experiment name, full params)[:16]. A
-stage looks up the RUNNING run tagged ``pipeline_key=<key>`` and ``darwinlm.role=pipeline``,
-creates it if there is none, and nests its own run under it. The last stage
-(``close_pipeline=True``) marks the parent FINISHED, so a later execution with the same key starts
-a new parent; a failed stage leaves it RUNNING, so a re-run continues under the same parent.
-
-Store: ``MLFLOW_TRACKING_URI`` if set, else ``sqlite:///<root>/mlflow.db`` with artifacts in
-``<root>/mlartifacts``; ``<root>`` is ``DVC_ROOT`` (set by DVC, and pointing at the original repo
-for queued experiments run in a temp copy), else the git top level of the cwd, else the cwd.
-
-Inside ``stage_run`` the stage's run is MLflow's active run (per thread) and the helpers log to it
-with MLflow's fluent API; a disabled stage has no run and the helpers do nothing. Stage runs
-record system metrics (``system/...`` every second unless ``MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL``
-is set; needs psutil, and nvidia-ml-py for GPUs). The experiment is tagged as a machine-learning
-one; the MLflow 3.17 UI itself follows its sidebar switch, so link it as
-``<ui>/#/experiments/<id>?workflowType=machine_learning`` to open on the runs, not GenAI traces.
-
-Telemetry: MLflow decides at ``import mlflow`` (``MLFLOW_DISABLE_TELEMETRY`` or ``DO_NOT_TRACK``),
-so both default to "true" here before mlflow is imported; a user's own setting wins. If mlflow was
-imported first, its telemetry client is switched off again, but it has already written an
-installation id to ~/.config/mlflow: import this module before anything that imports mlflow.
-"""
+"""MLflow conventions: one parent run per pipeline execution, one child run per stage, found again
+across the stage processes by a key. docs/architecture.md ("MLflow") says how the parent is found, where
+the store is and why telemetry is switched off before mlflow is imported."""
 from __future__ import annotations
 
 import contextlib
@@ -59,8 +37,7 @@ if _MLFLOW_WAS_IMPORTED:  # imported before us: re-evaluate telemetry with the d
         set_telemetry_client()
 
 ROLE_TAG = "darwinlm.role"
-# What MLflow's UI writes when a user marks the experiment "Machine learning" (not GenAI): the UI
-# then opens it on its runs (3.17's UI follows its global sidebar switch instead: see above).
+# What MLflow's UI writes when a user marks the experiment "Machine learning" (not GenAI)
 KIND_TAG, KIND = "mlflow.experimentKind", "custom_model_development"
 _BAD_KEY_CHARS = re.compile(r"[^/\w.\- :]")  # what mlflow accepts in param and metric names
 # MLflow raises without psutil; GPUs are simply skipped without nvidia-ml-py.
@@ -92,16 +69,13 @@ def tracking_uri() -> str:
 
 
 def _artifact_location(uri: str) -> str | None:
-    """``<folder of the db>/mlartifacts`` for a sqlite store, else None (the server chooses).
-    Without it mlflow puts artifacts under ``./mlruns`` of the cwd, which for a queued DVC
-    experiment is a temp copy that gets deleted."""
+    """``<folder of the db>/mlartifacts`` for a sqlite store (not ``./mlruns`` of a temporary copy), else None."""
     db = uri[len("sqlite:///"):].split("?", 1)[0] if uri.startswith("sqlite:///") else ""
     return None if db in ("", ":memory:") else (Path(db).resolve().parent / "mlartifacts").as_uri()
 
 
 def flatten(d: Mapping, prefix: str = "") -> dict[str, Any]:
-    """``{"search": {"target": 0.5}}`` -> ``{"search.target": 0.5}``. Lists, tuples and sets become
-    JSON strings; an empty dict becomes ``"{}"``; scalars stay as they are."""
+    """``{"search": {"target": 0.5}}`` -> ``{"search.target": 0.5}``; lists become JSON, ``{}`` becomes ``"{}"``."""
     out: dict[str, Any] = {}
     for k, v in d.items():
         key = f"{prefix}.{k}" if prefix else str(k)
@@ -124,14 +98,11 @@ def _number(v: Any) -> float | None:
 
 
 @dataclasses.dataclass(frozen=True)
-class StageRun:
-    """What ``stage_run`` yields; ``run_id`` is None when tracking is disabled. Also readable as
-    ``info.run_id`` etc., like mlflow's own run objects."""
+class StageRun:  # run_id is None when tracking is disabled; also readable as info.run_id, like mlflow's runs
     run_id: str | None
     parent_run_id: str | None = None
     experiment_id: str | None = None
     pipeline_key: str | None = None
-
     info = property(lambda self: self)
 
 
@@ -168,14 +139,9 @@ def _parent_run(client: MlflowClient, experiment_id: str, key: str, tags: dict, 
 @contextlib.contextmanager
 def stage_run(stage: str, stage_params: Mapping, all_params: Mapping, experiment: str,
               enabled: bool = True, close_pipeline: bool = False) -> Iterator[StageRun]:
-    """One MLflow run for one stage execution, nested under the pipeline's parent run.
-
-    Logs ``stage_params`` flattened as params and tags the run with ``stage``, ``git_commit``,
-    ``dvc_experiment``, ``params_hash`` and ``pipeline_key``. On exit the run is FINISHED, or
-    FAILED (KILLED for Ctrl-C) if an exception escapes (it is re-raised). With ``close_pipeline``
-    a successful exit also marks the parent FINISHED. Disabled: touches no store and yields a
-    ``StageRun`` whose ``run_id`` is None. Must not be entered while another mlflow run is active.
-    """
+    """One MLflow run for one stage execution, nested under the pipeline's parent run, with ``stage_params``
+    as params. Ends FINISHED, or FAILED (KILLED for Ctrl-C) if an exception escapes; ``close_pipeline``
+    also finishes the parent. Disabled: touches no store and yields a ``StageRun`` without ``run_id``."""
     global _disabled
     if not enabled:
         before, _disabled = _disabled, True
@@ -232,12 +198,6 @@ def log_figure(fig, name: str) -> None:
         mlflow.log_figure(fig, f"plots/{name}" + ("" if Path(name).suffix else ".png"))
 
 
-def log_artifacts(path: str | os.PathLike, artifact_path: str | None = None) -> None:
-    """A file or a whole folder as artifact(s) under ``artifact_path``."""
-    if _active():
-        (mlflow.log_artifacts if Path(path).is_dir() else mlflow.log_artifact)(str(path), artifact_path)
-
-
 def log_dict(d: Mapping, name: str) -> None:
     """A dict as a JSON artifact (YAML if ``name`` ends in .yaml/.yml; ``.json`` appended if no suffix)."""
     if _active():  # through JSON first so that Paths and the like become strings in YAML too
@@ -251,10 +211,8 @@ def set_tags(d: Mapping) -> None:
 
 def log_model(folder: str | os.PathLike, name: str, metrics: Mapping | None = None,
               register_as: str | None = None) -> str | None:
-    """A saved Hugging Face model folder as an MLflow logged model of the stage's run (its files are
-    the model's artifacts), with ``metrics`` logged to the run and linked to the model, and
-    registered as a new version of ``register_as`` if given. Returns the model id (None if disabled).
-    Not an MLflow flavor: the folder is loaded with transformers, not ``mlflow.pyfunc``."""
+    """A saved Hugging Face model folder as a logged model of the stage's run (loaded with transformers, not
+    an MLflow flavor), ``metrics`` linked to it, registered under ``register_as`` if given. Returns its id."""
     if not _active():
         return None
     if not Path(folder).is_dir():
