@@ -217,6 +217,7 @@ class ComputeParams(Section):
     device: Literal["auto", "cuda", "cpu"]  # auto: each process's GPU when there is one, else the CPU
     fsdp: bool  # finetune: shard weights/gradients/optimiser over processes instead of replicating (DDP)
     activations: Literal["auto", "memory", "disk"]  # database calibration activations (auto: disk when RAM is short)
+    threads: Pos | None = None  # torch threads per process (None: this process's cores / processes per machine)
 
 
 class Params(Section):

@@ -22,7 +22,7 @@ from pipeline.run.outputs import (
 from pipeline.run.plots import layer_structure, search_curve
 from pipeline.run.resources import gib, training_bytes
 from pipeline.run.stage import run_stage
-from pipeline.search.evolution import LevelSwapper, SearchState, evolve, prunable_params, uniform_levels
+from pipeline.search.evolution import LevelSwapper, SearchState, evolve, prunable_params, uniform_at_size
 from pipeline.search.fitness import fitness, teacher_bytes, teacher_targets
 
 
@@ -34,14 +34,15 @@ def main(params, say, group):
     weights = count_params(model) * model.dtype.itemsize
     say(f"needs per process: the dense model {gib(weights)} on {group.device.type}, dense targets ({p.fitness}) for "
         f"{fitness_set.numel():,} tokens {gib(need)} in CPU memory"
-        + (f", a trained candidate at most {gib(training_bytes(count_params(model), model.dtype.itemsize))}"
+        + (f", a trained candidate at most {gib(training_bytes(count_params(model)))}"
            if p.tas else ""))
     teacher = teacher_targets(model, fitness_set, p.batch_size, p.fitness, p.topk)
-    start = uniform_levels(p.target, db.levels, db.structure.num_layers)
+    start = uniform_at_size(db, p.target, p.budget_tolerance)
     dense = db.structure.dense_prunable_params
     kept = prunable_params(db, start)
-    say(f"target {p.target:.0%} -> level sum {sum(start['attn'])} per type over {db.structure.num_layers} layers "
-        f"(K={db.levels}); attention+MLP {dense:,} -> {kept:,} parameters ({1 - kept / dense:.1%} removed); "
+    say(f"target {p.target:.0%} -> starts from the uniform levels (level sums {sum(start['attn'])} attention, "
+        f"{sum(start['mlp'])} MLP over {db.structure.num_layers} layers, K={db.levels}); "
+        f"attention+MLP {dense:,} -> {kept:,} parameters ({1 - kept / dense:.1%} removed); "
         f"budget: {p.budget}; training-aware selection: {'on' if p.tas else 'off'}")
     swapper = LevelSwapper(model, db)
     swapper.apply(start)

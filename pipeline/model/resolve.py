@@ -40,9 +40,11 @@ def check_params_against_model(params, num_layers: int, context: int | None) -> 
         raise ConfigError(f"data.seq_len ({params.data.seq_len}) exceeds the model's context "
                           f"(max_position_embeddings = {context})")
     levels, target = params.database.levels, params.search.target
-    if round(target * levels * num_layers) == 0:
+    total = round(target * levels * num_layers)
+    if total in (0, levels * num_layers):  # every module at level 0 (or K): the search has nothing to move
         raise ConfigError(f"search.target {target} with database.levels {levels} over {num_layers} layers rounds "
-                          "to no level removed at all: raise search.target or database.levels")
+                          f"to {'no level removed at all' if total == 0 else 'every module removed'}: "
+                          f"{'raise' if total == 0 else 'lower'} search.target or raise database.levels")
 
 
 def check_real_model(params: Params) -> dict[str, int]:

@@ -8,6 +8,7 @@ kept columns only (`weight.{k}`); its metadata holds the OBS loss of every level
 from __future__ import annotations
 
 import json
+from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
 
@@ -182,10 +183,11 @@ def open_with_dense_model(params, device) -> tuple[Database, torch.nn.Module, ob
 
 
 class Database:
-    """Read access to a built database; tensors are loaded lazily and kept in memory. Each module's file
+    """Read access to a built database; tensors are loaded lazily and the most recently used ones kept in
+    memory, up to `cache_bytes` (all of Llama-3.1-8B's levels would take about 26 GB). Each module's file
     is checked against its manifest checksum the first time it is read."""
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, cache_bytes: int = 4 * 2**30):
         self.path = Path(path)
         manifest_path = self.path / MANIFEST
         if not manifest_path.is_file():
@@ -198,7 +200,8 @@ class Database:
         self.structure = Structure(**self.manifest["structure"])
         self.per_unit = {m: obs_unit_heads(self.structure, m, self.manifest.get("attn_unit", "query"),
                                            self.manifest.get("mlp_unit", 1)) for m in MODULE_TYPES}
-        self._cache: dict = {}
+        self._cache: OrderedDict = OrderedDict()
+        self._cached_bytes, self.cache_bytes = 0, cache_bytes
         self._verified: set[str] = set()
 
     @classmethod
@@ -235,11 +238,16 @@ class Database:
         if not 0 <= level <= self.levels:
             raise ValueError(f"level {level} outside 0..{self.levels}")
         key = (layer, module, level)
-        if key not in self._cache:
-            with safe_open(str(self._verify(layer, module)), framework="pt") as f:
-                members = unit_indices(f.get_tensor(f"kept.{level}"), self.per_unit[module])
-                self._cache[key] = (members, f.get_tensor(f"weight.{level}"))
-        return self._cache[key]
+        if key in self._cache:
+            self._cache.move_to_end(key)
+            return self._cache[key]
+        with safe_open(str(self._verify(layer, module)), framework="pt") as f:
+            entry = unit_indices(f.get_tensor(f"kept.{level}"), self.per_unit[module]), f.get_tensor(f"weight.{level}")
+        self._cache[key] = entry
+        self._cached_bytes += _nbytes(entry)
+        while self._cached_bytes > self.cache_bytes and len(self._cache) > 1:
+            self._cached_bytes -= _nbytes(self._cache.popitem(last=False)[1])
+        return entry
 
     def weights_for(self, levels: dict[str, list[int]]) -> dict:
         """`levels[module][layer]` -> {(layer, module): (kept units, weight)} for `materialize`."""
@@ -248,3 +256,7 @@ class Database:
 
     def kept_count(self, module: str, level: int) -> int:
         return self.manifest["kept_units"][module][level]
+
+
+def _nbytes(entry: tuple[torch.Tensor, ...]) -> int:
+    return sum(t.numel() * t.element_size() for t in entry)
