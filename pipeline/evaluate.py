@@ -25,7 +25,7 @@ def perplexity(model, sequences: torch.Tensor, batch_size: int) -> float:
     device = device_of(model)
     for batch in torch.split(sequences, batch_size):
         batch = batch.to(device)
-        total += float(next_token_loss(model(input_ids=batch).logits.float(), batch, reduction="sum"))
+        total += float(next_token_loss(model(input_ids=batch, use_cache=False).logits.float(), batch, reduction="sum"))
         count += batch[:, 1:].numel()
     model.train(was_training)
     return math.exp(total / count)
