@@ -202,6 +202,7 @@ class EvaluateParams(Section):
     lm_eval_tasks: list[str]  # lm-evaluation-harness tasks, e.g. [sciq, piqa]
     lm_eval_include_path: str | None = None  # a folder of local task YAMLs (data may be local files)
     lm_eval_limit: Pos | None = None  # documents per task (None = all)
+    lm_eval_fewshot: dict[str, NonNeg] = {}  # few-shot examples per task, e.g. {arc_challenge: 25}; else its default
 
 
 class TrackingParams(Section):
