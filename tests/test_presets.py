@@ -43,5 +43,17 @@ def test_preset_is_valid_and_reaches_the_papers_size(name):
     assert params.finetune.batch_size % params.compute.nproc == 0
 
 
+SMALL_PRESETS = {"smollm2-135m-cpu"}  # runs the whole pipeline on a CPU: checked end to end, not against a paper
+
+
 def test_every_preset_is_tested():
-    assert {p.stem for p in Path(ROOT / "configs").glob("*.yaml")} == set(PRESETS)
+    assert {p.stem for p in Path(ROOT / "configs").glob("*.yaml")} == set(PRESETS) | SMALL_PRESETS
+
+
+def test_smollm2_preset_fits_its_data_and_the_2_core_machine():
+    params = load_params(ROOT / "configs" / "smollm2-135m-cpu.yaml")
+    assert params.model.name_or_path.endswith(".gguf") and params.compute.device == "cpu"
+    assert params.finetune.steps * params.finetune.batch_size * params.data.seq_len <= params.data.train_tokens
+    assert params.database.mlp_unit == 32  # quantized GGUF rows need widths divisible by 32
+    assert params.evaluate.lm_eval_include_path == "configs/lm_eval_tasks"
+    assert (ROOT / "configs" / "lm_eval_tasks" / "story_ending.yaml").is_file()
