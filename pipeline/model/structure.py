@@ -105,6 +105,9 @@ def load_dense(path: str | Path, dtype: str = "float32", revision: str | None = 
     """Load a causal LM and its tokenizer the ordinary Hugging Face way (hub id, local folder or GGUF file)."""
     where, extra = hf_location(path)
     model = AutoModelForCausalLM.from_pretrained(where, dtype=getattr(torch, dtype), revision=revision, **extra)
+    if extra:  # dequantized to ordinary tensors, but still marked as a GGUF-quantized model, which refuses saving
+        model.hf_quantizer = None
+        model.config.__dict__.pop("quantization_config", None)
     tokenizer = AutoTokenizer.from_pretrained(where, revision=revision, **extra)
     model.eval()
     structure_of(model)
