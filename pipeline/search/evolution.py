@@ -125,6 +125,11 @@ class LevelSwapper:
         proj = output_projection(self.model, layer, module)
         cols = unit_indices(units, self.db.structure.unit_size(module))
         proj.weight.copy_(masked_weight(proj.weight.shape, cols, weight.to(proj.weight.dtype)))
+        bias = self.db.level_bias(layer, module, level)  # FLAP's compensation: the dense model gains a bias
+        if bias is not None:
+            if proj.bias is None:
+                proj.bias = torch.nn.Parameter(torch.zeros_like(proj.weight[:, 0]))
+            proj.bias.copy_(bias)
         self.swaps += 1
 
 
