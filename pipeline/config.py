@@ -29,6 +29,10 @@ from pipeline.errors import ConfigError
 
 Fitness = Literal["kl", "topk_kl", "ppl"]
 FITNESS_KINDS = typing.get_args(Fitness)
+# how a layer database chooses the units each level removes (pipeline/pruning/scored.py for all but obs)
+DatabaseMethod = Literal["obs", "magnitude", "wanda_sp", "flap"]
+# the neighbouring methods every run can report at the searched model's size (pipeline/search/baselines.py)
+Baseline = Literal["uniform_magnitude", "wanda_sp", "flap", "cfsp", "shortgpt"]
 
 
 def _number(value):  # YAML 1.1 reads "1e-5" (no dot) as a string
@@ -137,6 +141,7 @@ class DatabaseParams(Section):
     # query: single query heads | kv_group: a key/value head with its query heads
     attn_unit: Literal["query", "kv_group"]
     mlp_unit: Pos  # neurons removed together (e.g. 64 or 128 for hardware-friendly widths)
+    method: DatabaseMethod = "obs"  # obs (DarwinLM) | magnitude | wanda_sp | flap: how units are chosen
 
 
 class SelectionStage(Section):
@@ -202,6 +207,14 @@ class EvaluateParams(Section):
     lm_eval_tasks: list[str]  # lm-evaluation-harness tasks, e.g. [sciq, piqa]
     lm_eval_include_path: str | None = None  # a folder of local task YAMLs (data may be local files)
     lm_eval_limit: Pos | None = None  # documents per task (None = all)
+    baselines: list[Baseline] = []  # neighbouring methods built and evaluated one-shot at the searched size
+
+    @model_validator(mode="after")
+    def _baselines_once(self):
+        repeated = sorted({b for b in self.baselines if self.baselines.count(b) > 1})
+        if repeated:
+            raise ConfigError(f"evaluate.baselines lists {', '.join(repeated)} more than once")
+        return self
 
 
 class TrackingParams(Section):

@@ -13,7 +13,8 @@ from pipeline.run.plots import layer_structure
 from pipeline.run.resources import gib
 from pipeline.run.stage import run_stage
 
-UPSTREAM = ("base", "calibration", "database", "uniform", "search", "finetune@searched", "finetune@uniform")
+UPSTREAM = ("base", "calibration", "database", "uniform", "search", "finetune@searched", "finetune@uniform",
+            "baselines")
 
 
 def main(params, say, group):
@@ -52,17 +53,29 @@ def main(params, say, group):
                               "finetuned": ppl["uniform_finetuned"] / ppl["searched_finetuned"] - 1},
         "params": {"dense": sizes["dense"], "pruned": sizes["searched"], "uniform": sizes["uniform"],
                    "ratio": sizes["searched"] / sizes["dense"]},
+        "panel": _panel(ppl),
         **speed,
         **lm_eval,
     }
+    tracking.log_table([{"method": name, **row} for name, row in metrics["panel"].items()], "panel.json")
     tracking.log_metrics({k: v for k, v in metrics.items() if k in ("ppl", "gain_over_uniform", "params", "speed",
-                                                                     "speedup", "lm_eval")})
+                                                                     "speedup", "lm_eval", "panel")})
     prefix = params.tracking.register_as
     for name in ("searched", "uniform"):  # logged models, with the metrics that describe them
         tracking.log_model(MODELS[name], f"pruned_{name}", register_as=f"{prefix}-{name}" if prefix else None,
                            metrics={"ppl_oneshot": ppl[f"{name}_oneshot"], "ppl_finetuned": ppl[f"{name}_finetuned"],
                                     "parameters": sizes[name]})
     return metrics
+
+
+def _panel(ppl: dict) -> dict:
+    """The baselines stage's rows (size, one-shot ppl, KL to dense per method), with the finetuned
+    perplexities of the models this stage evaluated."""
+    panel = read_json(metrics_path("baselines")).get("panel", {})
+    for name in ("searched", "uniform"):
+        if name in panel:
+            panel[name]["ppl_finetuned"] = ppl[f"{name}_finetuned"]
+    return panel
 
 
 def _lm_eval(params, say) -> dict:

@@ -1,4 +1,4 @@
-"""Figures for MLflow and the README: search progress and per-layer structure."""
+"""Figures for MLflow and the README: search progress, per-layer structure, the baseline panel."""
 from __future__ import annotations
 
 import matplotlib
@@ -56,5 +56,22 @@ def obs_losses(losses: dict[str, list[list[float]]]):
         ax.set_xlabel("level")
         ax.set_title(f"{module}: OBS loss")
     axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def baseline_panel(rows: list[dict]):
+    """One-shot perplexity and KL to dense of every method of the panel (rows with `method`,
+    `ppl_oneshot`, `kl`), as horizontal bars; the searched model's bars stand out."""
+    fig, axes = plt.subplots(1, 2, figsize=(9, 0.5 * len(rows) + 1.5))
+    names = [r["method"] for r in rows]
+    colors = ["tab:orange" if n == "searched" else "tab:blue" for n in names]
+    for ax, key, title in ((axes[0], "ppl_oneshot", "one-shot perplexity (eval)"),
+                           (axes[1], "kl", "KL to dense per token (fitness set)")):
+        ax.barh(names, [r[key] for r in rows], color=colors)
+        ax.set_xscale("log")
+        ax.set_title(title)
+        ax.invert_yaxis()
+    axes[1].set_yticklabels([])
     fig.tight_layout()
     return fig
