@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import matplotlib
+import matplotlib.ticker
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -68,8 +69,13 @@ def baseline_panel(rows: list[dict]):
     colors = ["tab:orange" if n == "searched" else "tab:blue" for n in names]
     for ax, key, title in ((axes[0], "ppl_oneshot", "one-shot perplexity (eval)"),
                            (axes[1], "kl", "KL to dense per token (fitness set)")):
-        ax.barh(names, [r[key] for r in rows], color=colors)
+        values = [r[key] for r in rows]
+        ax.barh(names, values, color=colors)
         ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        for y, v in enumerate(values):
+            ax.annotate(f"{v:.3g}", (v, y), xytext=(3, 0), textcoords="offset points", va="center", fontsize=8)
+        ax.margins(x=0.15)
         ax.set_title(title)
         ax.invert_yaxis()
     axes[1].set_yticklabels([])
