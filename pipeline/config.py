@@ -162,6 +162,8 @@ class SearchParams(Section):
     fitness: Fitness  # kl | topk_kl | ppl
     topk: Pos  # tokens kept per position for topk_kl
     budget: Literal["levels", "params"]  # levels: level sums fixed per module type | params: total size fixed
+    # width: any level 0..K per module | depth: whole attention / MLP sublayers only (levels 0 or K; EvoPress)
+    space: Literal["width", "depth"] = "width"
     # budget params: allowed size deviation, fraction of dense attention+MLP
     budget_tolerance: Annotated[Float, Field(gt=0, lt=0.5)]
     eval_every: NonNeg  # log the parent's eval perplexity every N generations (0 = never)

@@ -22,7 +22,14 @@ from pipeline.run.outputs import (
 from pipeline.run.plots import layer_structure, search_curve
 from pipeline.run.resources import gib, training_bytes
 from pipeline.run.stage import run_stage
-from pipeline.search.evolution import LevelSwapper, SearchState, evolve, prunable_params, uniform_levels
+from pipeline.search.evolution import (
+    LevelSwapper,
+    SearchState,
+    depth_levels,
+    evolve,
+    prunable_params,
+    uniform_levels,
+)
 from pipeline.search.fitness import fitness, teacher_bytes, teacher_targets
 
 
@@ -37,7 +44,7 @@ def main(params, say, group):
         + (f", a trained candidate at most {gib(training_bytes(count_params(model), model.dtype.itemsize))}"
            if p.tas else ""))
     teacher = teacher_targets(model, fitness_set, p.batch_size, p.fitness, p.topk)
-    start = uniform_levels(p.target, db.levels, db.structure.num_layers)
+    start = (depth_levels if p.space == "depth" else uniform_levels)(p.target, db.levels, db.structure.num_layers)
     dense = db.structure.dense_prunable_params
     kept = prunable_params(db, start)
     say(f"target {p.target:.0%} -> level sum {sum(start['attn'])} per type over {db.structure.num_layers} layers "

@@ -11,6 +11,7 @@ from pipeline.pruning.database import Database, build_database
 from pipeline.search.evolution import (
     LevelSwapper,
     SearchState,
+    depth_levels,
     evolve,
     level_sum,
     mutate,
@@ -187,3 +188,32 @@ def test_params_table_matches_materialized_models(tiny_model, setup):
     model = materialize(tiny_model, db.structure, db.weights_for(levels))
     prunable = sum(p.numel() for n, p in model.named_parameters() if "_proj" in n)
     assert prunable_params(db, levels) == prunable
+
+
+@pytest.mark.parametrize("target,layers", [(0.5, 4), (0.3, 7), (0.25, 32)])
+def test_depth_start_removes_whole_modules_evenly(target, layers):
+    start = depth_levels(target, 10, layers)
+    for v in start.values():
+        assert set(v) <= {0, 10} and v.count(10) == round(target * layers)
+
+
+def test_depth_mutation_swaps_whole_modules_and_keeps_the_counts():
+    rng = random.Random(3)
+    parent = depth_levels(0.5, 10, 6)
+    for _ in range(200):
+        child = mutate(parent, 10, rng, 3, step=10)
+        for m in parent:
+            assert set(child[m]) <= {0, 10} and child[m].count(10) == parent[m].count(10)
+        parent = child
+
+
+def test_depth_search_stays_in_the_depth_space_and_never_worsens(tiny_model, setup):
+    db, fitness_set, teacher = setup
+    start = depth_levels(1 / 3, db.levels, 3)
+    swapper = LevelSwapper(tiny_model, db)
+    swapper.apply(start)
+    start_fitness = fitness(tiny_model, fitness_set, teacher, 4)
+    state = evolve(swapper, start, _params(space="depth", generations=4, tas=False), fitness_set, teacher)
+    for m in start:
+        assert set(state.parent[m]) <= {0, db.levels} and sum(state.parent[m]) == sum(start[m])
+    assert state.history[-1]["fitness"] <= start_fitness + 1e-9

@@ -43,22 +43,32 @@ def uniform_levels(target: float, levels: int, num_layers: int) -> Levels:
     return {m: list(per_layer) for m in MODULE_TYPES}
 
 
-def mutate(parent: Levels, max_level: int, rng: random.Random, max_switches: int, across_types: bool = False) -> Levels:
-    """Level switch, n = min(U{1..m}, U{1..m}) times: lower one module's level by one and raise
-    another's by one, within 0..K. Within one module type (level sums fixed) unless `across_types`
-    (the parameter budget then decides what is acceptable)."""
+def depth_levels(target: float, levels: int, num_layers: int) -> Levels:
+    """The start of a depth search (`search.space: depth`): round(target*L) modules of each type removed
+    whole (level K), at evenly spaced layers, the others dense (level 0)."""
+    n = round(target * num_layers)
+    return {m: [levels * ((i + 1) * n // num_layers - i * n // num_layers) for i in range(num_layers)]
+            for m in MODULE_TYPES}
+
+
+def mutate(parent: Levels, max_level: int, rng: random.Random, max_switches: int, across_types: bool = False,
+           step: int = 1) -> Levels:
+    """Level switch, n = min(U{1..m}, U{1..m}) times: lower one module's level by `step` and raise
+    another's by `step`, within 0..K. Within one module type (level sums fixed) unless `across_types`
+    (the parameter budget then decides what is acceptable). With step K (EvoPress's depth search) a
+    switch brings one removed module back and removes another: levels stay 0 or K."""
     child = {m: list(v) for m, v in parent.items()}
     for _ in range(switch_count(rng, max_switches)):
         modules = MODULE_TYPES if across_types else (rng.choice(MODULE_TYPES),)
         slots = [(m, i) for m in modules for i in range(len(child[m]))]
-        lower = [(m, i) for m, i in slots if child[m][i] > 0]
-        raise_ = [(m, i) for m, i in slots if child[m][i] < max_level]
+        lower = [(m, i) for m, i in slots if child[m][i] >= step]
+        raise_ = [(m, i) for m, i in slots if child[m][i] <= max_level - step]
         pairs = [(a, b) for a in lower for b in raise_ if a != b]
         if not pairs:
             continue
         (ma, a), (mb, b) = rng.choice(pairs)
-        child[ma][a] -= 1
-        child[mb][b] += 1
+        child[ma][a] -= step
+        child[mb][b] += step
     return child
 
 
@@ -68,11 +78,12 @@ def switch_count(rng: random.Random, max_switches: int) -> int:
 
 
 def offspring(parent: Levels, count: int, max_level: int, rng: random.Random, max_switches: int,
-              across_types: bool = False, accept: Callable[[Levels], bool] | None = None) -> list[Levels]:
+              across_types: bool = False, accept: Callable[[Levels], bool] | None = None,
+              step: int = 1) -> list[Levels]:
     """`count` distinct acceptable children, none equal to the parent (fewer if the space is too small)."""
     children, seen = [], {_key(parent)}
     for _ in range(count * 50):
-        child = mutate(parent, max_level, rng, max_switches, across_types)
+        child = mutate(parent, max_level, rng, max_switches, across_types, step)
         if _key(child) not in seen and (accept is None or accept(child)):
             seen.add(_key(child))
             children.append(child)
@@ -184,7 +195,8 @@ def evolve(swapper: LevelSwapper, start: Levels, p: SearchParams, fitness_set: t
     max_level = swapper.db.levels
     while state.generation < p.generations:
         children = offspring(state.parent, p.offspring, max_level, state.rng, p.max_level_switches,
-                             across_types=p.budget == "params", accept=accept)
+                             across_types=p.budget == "params", accept=accept,
+                             step=max_level if p.space == "depth" else 1)
         candidates = children
         record = {"generation": state.generation + 1, "offspring": len(children)}
         for s, stage in enumerate(p.schedule):
