@@ -210,12 +210,19 @@ class EvaluateParams(Section):
     lm_eval_include_path: str | None = None  # a folder of local task YAMLs (data may be local files)
     lm_eval_limit: Pos | None = None  # documents per task (None = all)
     baselines: list[Baseline] = []  # neighbouring methods built and evaluated one-shot at the searched size
+    finetune_baselines: list[Baseline] = []  # of those, the ones also trained as the searched model is (finetune.*)
 
     @model_validator(mode="after")
     def _baselines_once(self):
-        repeated = sorted({b for b in self.baselines if self.baselines.count(b) > 1})
-        if repeated:
-            raise ConfigError(f"evaluate.baselines lists {', '.join(repeated)} more than once")
+        for key in ("baselines", "finetune_baselines"):
+            names = getattr(self, key)
+            repeated = sorted({b for b in names if names.count(b) > 1})
+            if repeated:
+                raise ConfigError(f"evaluate.{key} lists {', '.join(repeated)} more than once")
+        missing = [b for b in self.finetune_baselines if b not in self.baselines]
+        if missing:
+            raise ConfigError(f"evaluate.finetune_baselines lists {', '.join(missing)}, which evaluate.baselines "
+                              f"does not build ({', '.join(self.baselines) or 'none'}): add them there")
         return self
 
 

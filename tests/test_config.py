@@ -62,6 +62,8 @@ def test_every_required_key_must_be_given(tmp_path):
     (lambda r: r["evaluate"].update(lm_eval_limit=0), "evaluate.lm_eval_limit is 0: must be > 0"),
     (lambda r: r["evaluate"].update(baselines=["flap", "sparsegpt"]), "evaluate.baselines[1] is 'sparsegpt': valid"),
     (lambda r: r["evaluate"].update(baselines=["flap", "flap"]), "evaluate.baselines lists flap more than once"),
+    (lambda r: r["evaluate"].update(baselines=["flap"], finetune_baselines=["cfsp"]),
+     "evaluate.finetune_baselines lists cfsp, which evaluate.baselines does not build (flap)"),
     (lambda r: r["database"].update(method="wanda"), "database.method is 'wanda': valid values are 'obs'"),
     (lambda r: r["compute"].update(nproc=3), "finetune.batch_size (8) must be divisible by compute.nproc (3)"),
     (lambda r: r["data"].update(seq_len=4096), "exceeds the demo model's context"),

@@ -208,7 +208,7 @@ def log_table(rows: list[dict], name: str) -> None:
     """Rows of a table (one dict per row, same keys) as an MLflow table artifact (``.json`` appended if no
     suffix), shown as a table in the run's artifacts and comparable across runs."""
     if _active() and rows:
-        columns = list(rows[0])
+        columns = list(dict.fromkeys(key for row in rows for key in row))  # every row's keys, in order of appearance
         mlflow.log_table({c: [row.get(c) for row in rows] for c in columns},
                          artifact_file=name + ("" if Path(name).suffix else ".json"))
 
