@@ -44,11 +44,12 @@ def main(params, say, group):
     entries = [("searched", db, searched), ("uniform", db, uniform)]
     with atomic_dir(BASELINE_LEVELS) as folder:
         for name in names:
-            levels = baseline_levels(name, dbs[BASELINES[name]], target, slack, influence)
-            kept = prunable_params(dbs[BASELINES[name]], levels)
-            write_json(folder / f"{name}.json", {**levels, "database": dbs[BASELINES[name]].method,
-                                                 "prunable_params": kept, "removed_fraction": 1 - kept / dense_prunable})
-            entries.append((name, dbs[BASELINES[name]], levels))
+            base_db = dbs[BASELINES[name]]
+            levels = baseline_levels(name, base_db, target, slack, influence)
+            kept = prunable_params(base_db, levels)
+            write_json(folder / f"{name}.json", {**levels, "database": base_db.method, "prunable_params": kept,
+                                                 "removed_fraction": 1 - kept / dense_prunable})
+            entries.append((name, base_db, levels))
 
     eval_tokens, fitness_set = load_tokens("eval"), load_tokens("fitness")
     kind = "topk_kl" if params.search.fitness == "topk_kl" else "kl"
