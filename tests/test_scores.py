@@ -151,3 +151,16 @@ def test_magnitude_needs_no_statistics_and_others_do(tmp_path):
 def _tokenizer():
     from helpers import byte_level_tokenizer
     return byte_level_tokenizer()
+
+
+def test_level_swapper_gives_the_dense_shaped_model_flaps_bias(built):
+    import copy
+
+    from pipeline.search.evolution import LevelSwapper
+    model, tokens, _, dbs, _ = built
+    db = dbs["flap"]
+    swapper = LevelSwapper(copy.deepcopy(model), db)
+    for levels in ({ATTN: [1, 4, 2], MLP: [3, 0, 4]}, {ATTN: [0, 2, 3], MLP: [1, 1, 0]}):
+        swapper.apply(levels)
+        pruned = materialize(model, db.structure, db.weights_for(levels))
+        torch.testing.assert_close(swapper.model(tokens).logits, pruned(tokens).logits, rtol=1e-5, atol=1e-5)
