@@ -9,7 +9,7 @@ from pipeline.model.structure import count_params, dense_source
 from pipeline.pruning.database import open_with_dense_model
 from pipeline.run import tracking
 from pipeline.run.outputs import MODELS, levels_path, metrics_path, read_json
-from pipeline.run.plots import layer_structure
+from pipeline.run.plots import baseline_panel, layer_structure
 from pipeline.run.resources import gib
 from pipeline.run.stage import run_stage
 
@@ -57,7 +57,10 @@ def main(params, say, group):
         **speed,
         **lm_eval,
     }
-    tracking.log_table([{"method": name, **row} for name, row in metrics["panel"].items()], "panel.json")
+    panel_rows = [{"method": name, **row} for name, row in metrics["panel"].items()]
+    tracking.log_table(panel_rows, "panel.json")
+    if panel_rows:
+        tracking.log_figure(baseline_panel(panel_rows), "baselines.png")
     tracking.log_metrics({k: v for k, v in metrics.items() if k in ("ppl", "gain_over_uniform", "params", "speed",
                                                                      "speedup", "lm_eval", "panel")})
     prefix = params.tracking.register_as
