@@ -11,9 +11,9 @@ key/value heads, and the kept MLP width,
 
 (no query heads: the attention is removed; "mlp": 0: the MLP is removed). A record may also say
 "o_bias": true / "down_bias": true: that layer's o_proj / down_proj has an output bias although the
-family has none (FLAP's bias compensation of removed channels); records without them have none. Each decoder layer is
-built from its record. Query head q uses the kept key/value head that held q's original group,
-so GQA groups may shrink unevenly. A removed attention or MLP holds no parameters, nor does its
+family has none (FLAP's bias compensation of removed channels); records without them have none.
+Each decoder layer is built from its record. Query head q uses the kept key/value head that held
+q's original group, so GQA groups may shrink unevenly. A removed attention or MLP holds no parameters, nor does its
 input norm (only the constant output bias where the family has one), so every parameter gets a
 gradient (DDP/FSDP need no special cases). The same blocks serve Llama, Mistral, Qwen2
 (biases on q/k/v only: `qkv_bias`) and Qwen3 (per-head RMSNorm of queries and keys: `qk_norm`).

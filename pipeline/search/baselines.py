@@ -22,7 +22,7 @@ import torch
 from pipeline.model.structure import ATTN, MLP, MODULE_TYPES
 from pipeline.pruning.database import Database
 from pipeline.pruning.scores import standardize
-from pipeline.search.evolution import Levels, params_table, prunable_params
+from pipeline.search.evolution import Levels, params_table
 
 # name -> the database method whose unit order and weights it uses ("main": the run's own database)
 BASELINES = {"uniform_magnitude": "magnitude", "wanda_sp": "wanda_sp", "flap": "flap", "cfsp": "wanda_sp",
@@ -165,6 +165,3 @@ def baseline_levels(name: str, db: Database, target: int, slack: float, block_in
         raise ValueError(f"unknown baseline {name!r}: valid are {', '.join(BASELINES)}")
     return fit_levels(desired, table, target, slack)
 
-
-def within(db: Database, levels: Levels, target: int, slack: float) -> bool:
-    return abs(prunable_params(db, levels) - target) <= slack
