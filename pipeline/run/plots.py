@@ -47,15 +47,16 @@ def training_curve(losses: list[float], title: str):
     return fig
 
 
-def obs_losses(losses: dict[str, list[list[float]]]):
-    """OBS reconstruction loss per level, one line per layer, for attention and MLP."""
+def obs_losses(losses: dict[str, list[list[float]]], method: str = "obs"):
+    """OBS reconstruction loss per level (for another `database.method`: the removed units' summed
+    score), one line per layer, for attention and MLP."""
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
     for ax, (module, per_layer) in zip(axes, losses.items()):
         for i, curve in enumerate(per_layer):
             ax.plot(range(len(curve)), [max(v, 1e-12) for v in curve], label=f"layer {i}")
         ax.set_yscale("log")
         ax.set_xlabel("level")
-        ax.set_title(f"{module}: OBS loss")
+        ax.set_title(f"{module}: " + ("OBS loss" if method == "obs" else f"{method} score removed"))
     axes[0].legend(fontsize=7)
     fig.tight_layout()
     return fig
