@@ -4,6 +4,7 @@ generation (outside DVC's outputs) and resumes an interrupted search of the same
 import pandas as pd
 
 from pipeline.data import load_tokens
+from pipeline.errors import ConfigError
 from pipeline.evaluate import perplexity
 from pipeline.model.structure import count_params, dense_source
 from pipeline.pruning.database import MANIFEST, open_with_dense_model
@@ -45,6 +46,11 @@ def main(params, say, group):
            if p.tas else ""))
     teacher = teacher_targets(model, fitness_set, p.batch_size, p.fitness, p.topk)
     start = (depth_levels if p.space == "depth" else uniform_levels)(p.target, db.levels, db.structure.num_layers)
+    if p.space == "depth" and sum(start["attn"]) in (0, db.levels * db.structure.num_layers):
+        raise ConfigError(f"search.target {p.target} removes {'no' if sum(start['attn']) == 0 else 'every'} "
+                          f"sublayer of the {db.structure.num_layers} layers with search.space: depth; "
+                          f"pick a target between {0.5 / db.structure.num_layers:.3f} and "
+                          f"{1 - 0.5 / db.structure.num_layers:.3f}")
     dense = db.structure.dense_prunable_params
     kept = prunable_params(db, start)
     say(f"target {p.target:.0%} -> level sum {sum(start['attn'])} per type over {db.structure.num_layers} layers "
