@@ -97,3 +97,47 @@ def test_flap_allocation_ranks_standardised_scores_globally():
 def test_cfsp_gives_less_important_blocks_a_larger_share():
     shares = cfsp_allocation([0.4, 0.1, 0.2, 0.3])[MLP]
     assert shares[1] > shares[2] > shares[3] > shares[0] and max(shares) == 1
+
+
+def test_the_stage_writes_one_row_per_method_at_the_searched_size(tmp_path, monkeypatch):
+    """stages/baselines.py on a tiny model's outputs laid out as the earlier stages leave them (no DVC, no MLflow)."""
+    import json
+
+    from helpers import byte_level_tokenizer, shipped
+
+    from pipeline.pruning.database import build_database
+    from pipeline.run.distributed import SINGLE
+    from stages import baselines as stage
+    monkeypatch.chdir(tmp_path)
+    model = tiny_llama(layers=4, intermediate=96)
+    model.save_pretrained("base/model")
+    byte_level_tokenizer().save_pretrained("base/model")
+    g = torch.Generator().manual_seed(3)
+    (tmp_path / "data/tokens").mkdir(parents=True)
+    for name, rows in (("calib", 8), ("fitness", 4), ("train", 8), ("eval", 4)):
+        torch.save(torch.randint(0, 64, (rows, 16), generator=g), f"data/tokens/{name}.pt")
+    build_database(model, structure_of(model), torch.load("data/tokens/calib.pt"), 8, 0.01, tmp_path / "database",
+                   {}, batch_size=4)
+    db = Database(tmp_path / "database")
+    searched = _searched_like(db, 0.5, 0)
+    (tmp_path / "levels").mkdir()
+    (tmp_path / "levels/searched.json").write_text(json.dumps(searched))
+    (tmp_path / "levels/uniform.json").write_text(json.dumps(uniform_levels(0.5, 8, 4)))
+    params = shipped()
+    params = params.model_copy(update={
+        "search": params.search.model_copy(update={"budget_tolerance": 0.01}),
+        "finetune": params.finetune.model_copy(update={"steps": 2, "batch_size": 2}),
+        "evaluate": params.evaluate.model_copy(update={"batch_size": 4, "finetune_baselines": ["flap"]})})
+    metrics = stage.main(params, lambda message: None, SINGLE)
+    panel = metrics["panel"]
+    assert list(panel) == ["searched", "uniform", *params.evaluate.baselines]
+    target = prunable_params(db, searched)
+    assert metrics["target_params"] == target == panel["searched"]["prunable_params"]
+    for name in params.evaluate.baselines:
+        assert panel[name]["within_tolerance"] and 1 < panel[name]["ppl_oneshot"] < 1e4 and panel[name]["kl"] > 0
+        levels = json.loads((tmp_path / f"levels/baselines/{name}.json").read_text())
+        assert levels["prunable_params"] == panel[name]["prunable_params"]
+    assert "ppl_finetuned" in panel["flap"] and "ppl_finetuned" not in panel["cfsp"]
+    assert panel["flap"]["database"] == "flap" and panel["shortgpt"]["database"] == "obs"
+    csv = (tmp_path / "plots/baselines.csv").read_text().splitlines()
+    assert csv[0].startswith("method,database,prunable_params") and len(csv) == 1 + len(panel)
