@@ -209,6 +209,7 @@ class EvaluateParams(Section):
     lm_eval_tasks: list[str]  # lm-evaluation-harness tasks, e.g. [sciq, piqa]
     lm_eval_include_path: str | None = None  # a folder of local task YAMLs (data may be local files)
     lm_eval_limit: Pos | None = None  # documents per task (None = all)
+    lm_eval_fewshot: dict[str, NonNeg] = {}  # few-shot examples per task, e.g. {arc_challenge: 25}; else its default
     baselines: list[Baseline] = []  # neighbouring methods built and evaluated one-shot at the searched size
     finetune_baselines: list[Baseline] = []  # of those, the ones also trained as the searched model is (finetune.*)
 
@@ -239,6 +240,7 @@ class ComputeParams(Section):
     device: Literal["auto", "cuda", "cpu"]  # auto: each process's GPU when there is one, else the CPU
     fsdp: bool  # finetune: shard weights/gradients/optimiser over processes instead of replicating (DDP)
     activations: Literal["auto", "memory", "disk"]  # database calibration activations (auto: disk when RAM is short)
+    threads: Pos | None = None  # torch threads per process (None: this process's cores / processes per machine)
 
 
 class Params(Section):

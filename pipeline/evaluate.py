@@ -25,7 +25,7 @@ def perplexity(model, sequences: torch.Tensor, batch_size: int) -> float:
     device = device_of(model)
     for batch in torch.split(sequences, batch_size):
         batch = batch.to(device)
-        total += float(next_token_loss(model(input_ids=batch).logits.float(), batch, reduction="sum"))
+        total += float(next_token_loss(model(input_ids=batch, use_cache=False).logits.float(), batch, reduction="sum"))
         count += batch[:, 1:].numel()
     model.train(was_training)
     return math.exp(total / count)
@@ -95,9 +95,15 @@ def measure_speed(model, *, batch_size: int = 1, prompt_len: int = 128, decode_t
 
 
 def run_lm_eval(model: str | Path, tasks: list[str], include_path: str | None = None, limit: int | None = None,
-                batch_size: int = 8, device: str = "cpu", dtype: str = "float32") -> dict[str, dict[str, float]]:
-    """{task: {metric: value}} for one model folder or hub id, loaded the ordinary Hugging Face way
-    (trust_remote_code, so exported pruned folders work)."""
+                batch_size: int = 8, device: str = "cpu", dtype: str = "float32",
+                fewshot: dict[str, int] | None = None) -> dict[str, dict[str, float]]:
+    """{task: {metric: value, metric_stderr: value, "truncated": n}} for one model folder or hub id, loaded the
+    ordinary Hugging Face way (trust_remote_code, so exported pruned folders work), each task with its own
+    number of few-shot examples (`fewshot[task]`; a task left out uses its own default).
+
+    Items longer than the model's context are truncated from the left (the harness drops the oldest
+    context tokens; a continuation longer than the whole context keeps its last tokens) and counted in
+    "truncated", instead of stopping the harness."""
     import lm_eval
     from lm_eval.tasks import TaskManager
 
@@ -107,10 +113,36 @@ def run_lm_eval(model: str | Path, tasks: list[str], include_path: str | None = 
         raise FileNotFoundError(f"evaluate.lm_eval_tasks: unknown task(s) {', '.join(missing)}"
                                 + (f" (not in lm_eval nor in '{include_path}')" if include_path else
                                    " (set evaluate.lm_eval_include_path for local task YAMLs)"))
-    results = lm_eval.simple_evaluate(
-        model="hf", model_args=f"pretrained={model},trust_remote_code=True,dtype={dtype}", tasks=tasks,
-        task_manager=manager, device=device, batch_size=batch_size, limit=limit)["results"]
-    return {task: {metric.split(",")[0]: value for metric, value in values.items()
-                   if isinstance(value, (int, float)) and not metric.startswith("sample_len")
-                   and "stderr" not in metric}
-            for task, values in results.items()}
+    lm = _context_limited_lm(pretrained=str(model), trust_remote_code=True, dtype=dtype, device=device,
+                             batch_size=batch_size)
+    results = {}
+    for task in tasks:  # one run per task: the harness takes one few-shot count per run
+        lm.truncated = 0
+        out = lm_eval.simple_evaluate(model=lm, tasks=[task], task_manager=manager, limit=limit,
+                                      num_fewshot=(fewshot or {}).get(task))["results"]
+        for name, values in out.items():
+            results[name] = {metric.replace(",none", "").replace(",", "_"): value for metric, value in values.items()
+                             if isinstance(value, (int, float)) and not metric.startswith("sample_len")}
+        results[task]["truncated"] = lm.truncated
+    return results
+
+
+def _context_limited_lm(**model_args):
+    """The harness's Hugging Face model, counting the requests that exceed the context and cutting a
+    continuation longer than the whole context to its last tokens (the harness asserts on those)."""
+    from lm_eval.models.huggingface import HFLM
+
+    class ContextLimitedLM(HFLM):
+        truncated = 0
+
+        def _loglikelihood_tokens(self, requests, *args, **kwargs):
+            fitted = []
+            for key, context, continuation in requests:
+                if len(context) + len(continuation) > self.max_length + 1:
+                    self.truncated += 1
+                if len(continuation) > self.max_length:
+                    context, continuation = context[-1:], continuation[-self.max_length:]
+                fitted.append((key, context, continuation))
+            return super()._loglikelihood_tokens(fitted, *args, **kwargs)
+
+    return ContextLimitedLM(**model_args)

@@ -1,5 +1,5 @@
 """Stage base: the dense model. Demo: pretrain the embedded default. Real model: record what
-`model.name_or_path` resolves to (no weights are copied)."""
+`model.name_or_path` resolves to (no weights are copied, except that a GGUF file is dequantized once)."""
 import json
 
 import torch
@@ -7,7 +7,7 @@ import torch
 from pipeline.data import token_stream, windows
 from pipeline.model.demo import pretrain_demo, stdlib_corpus, train_tokenizer
 from pipeline.model.resolve import describe_model
-from pipeline.model.structure import count_params
+from pipeline.model.structure import count_params, is_gguf, load_dense
 from pipeline.run import tracking
 from pipeline.run.hashing import inputs_key
 from pipeline.run.outputs import BASE, BASE_MODEL, BASE_WORK, DEMO_CORPUS, RESOLVED, atomic_dir, write_json
@@ -23,7 +23,15 @@ def main(params, say, group):
     if not params.is_demo:
         resolved = describe_model(params.model)
         say(f"resolved {resolved['name_or_path']}: {resolved['parameters']:,} parameters")
-        write_json(RESOLVED, resolved)
+        if not is_gguf(params.model.name_or_path):
+            write_json(RESOLVED, resolved)
+            return {"parameters": resolved["parameters"]}
+        say("dequantizing the GGUF file once into base/model (float32), where the later stages load it from")
+        model, tokenizer = load_dense(params.model.name_or_path)
+        with atomic_dir(BASE) as tmp:
+            model.save_pretrained(tmp / BASE_MODEL.name)
+            tokenizer.save_pretrained(tmp / BASE_MODEL.name)
+            (tmp / RESOLVED.name).write_text(json.dumps(resolved, indent=2, default=str))
         return {"parameters": resolved["parameters"]}
     p = params.demo
     torch.manual_seed(p.seed)

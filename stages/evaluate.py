@@ -40,7 +40,7 @@ def main(params, say, group):
             f"{sizes[name]:,} parameters")
     speed = _speeds(params.evaluate, {"dense": dense, "searched": finetuned_models["searched"],
                                       "uniform": finetuned_models["uniform"]}, say)
-    lm_eval = _lm_eval(params, say)
+    lm_eval = _lm_eval(params, say, group.device)
     upstream = {stage: read_json(metrics_path(stage)).get("mlflow_run_id") for stage in UPSTREAM}
     tracking.set_tags({f"upstream.{stage.replace('@', '_')}": run_id for stage, run_id in upstream.items() if run_id})
     tracking.log_figure(layer_structure(structures, db.structure.num_heads, db.structure.intermediate_size),
@@ -81,7 +81,7 @@ def _panel(ppl: dict) -> dict:
     return panel
 
 
-def _lm_eval(params, say) -> dict:
+def _lm_eval(params, say, device) -> dict:
     p = params.evaluate
     if not p.lm_eval_tasks:
         return {}
@@ -89,7 +89,8 @@ def _lm_eval(params, say) -> dict:
     for name, folder in (("dense", dense_source(params)), ("searched", MODELS["searched"]),
                          ("uniform", MODELS["uniform"])):
         results[name] = run_lm_eval(folder, list(p.lm_eval_tasks), p.lm_eval_include_path, p.lm_eval_limit,
-                                    p.batch_size, dtype=params.model.dtype)
+                                    p.batch_size, device=str(device), dtype=params.model.dtype,
+                                    fewshot=p.lm_eval_fewshot)
         say(f"lm-eval {name}: {results[name]}")
     return {"lm_eval": results}
 

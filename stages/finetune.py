@@ -43,7 +43,7 @@ def main(name, params, say, group):
         f"of {p.batch_size} x {train_set.shape[1]} tokens (distill {p.distill})"
         + (f" on {group.world} processes ({'FSDP' if fsdp else 'DDP'})" if group.world > 1 else ""))
     model_bytes = count_params(model) * model.dtype.itemsize
-    checkpoint_bytes = training_bytes(count_params(model), model.dtype.itemsize)  # also the training state
+    checkpoint_bytes = training_bytes(count_params(model))  # also the training state
     say(f"needs per process: training state {gib(checkpoint_bytes // (group.world if fsdp else 1))}"
         + (f" + the dense teacher {gib(count_params(dense) * dense.dtype.itemsize)}" if p.distill > 0 else "")
         + f" on {group.device.type}; disk: the model {gib(model_bytes)} and a checkpoint {gib(checkpoint_bytes)}")

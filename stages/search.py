@@ -29,7 +29,7 @@ from pipeline.search.evolution import (
     depth_levels,
     evolve,
     prunable_params,
-    uniform_levels,
+    uniform_at_size,
 )
 from pipeline.search.fitness import fitness, teacher_bytes, teacher_targets
 
@@ -42,10 +42,11 @@ def main(params, say, group):
     weights = count_params(model) * model.dtype.itemsize
     say(f"needs per process: the dense model {gib(weights)} on {group.device.type}, dense targets ({p.fitness}) for "
         f"{fitness_set.numel():,} tokens {gib(need)} in CPU memory"
-        + (f", a trained candidate at most {gib(training_bytes(count_params(model), model.dtype.itemsize))}"
+        + (f", a trained candidate at most {gib(training_bytes(count_params(model)))}"
            if p.tas else ""))
     teacher = teacher_targets(model, fitness_set, p.batch_size, p.fitness, p.topk)
-    start = (depth_levels if p.space == "depth" else uniform_levels)(p.target, db.levels, db.structure.num_layers)
+    start = (depth_levels(p.target, db.levels, db.structure.num_layers) if p.space == "depth"
+             else uniform_at_size(db, p.target, p.budget_tolerance))
     if p.space == "depth" and sum(start["attn"]) in (0, db.levels * db.structure.num_layers):
         raise ConfigError(f"search.target {p.target} removes {'no' if sum(start['attn']) == 0 else 'every'} "
                           f"sublayer of the {db.structure.num_layers} layers with search.space: depth; "
@@ -53,8 +54,9 @@ def main(params, say, group):
                           f"{1 - 0.5 / db.structure.num_layers:.3f}")
     dense = db.structure.dense_prunable_params
     kept = prunable_params(db, start)
-    say(f"target {p.target:.0%} -> level sum {sum(start['attn'])} per type over {db.structure.num_layers} layers "
-        f"(K={db.levels}); attention+MLP {dense:,} -> {kept:,} parameters ({1 - kept / dense:.1%} removed); "
+    say(f"target {p.target:.0%} -> starts from the uniform levels (level sums {sum(start['attn'])} attention, "
+        f"{sum(start['mlp'])} MLP over {db.structure.num_layers} layers, K={db.levels}); "
+        f"attention+MLP {dense:,} -> {kept:,} parameters ({1 - kept / dense:.1%} removed); "
         f"budget: {p.budget}; training-aware selection: {'on' if p.tas else 'off'}")
     swapper = LevelSwapper(model, db)
     swapper.apply(start)

@@ -1,14 +1,14 @@
-"""Stage uniform: the baseline with every module at (nearly) the same level and exactly the
-searched model's level sums, hence the same size."""
+"""Stage uniform: the baseline with every module at (nearly) the same level, sized like the searched
+model: `search.target` of the attention+MLP parameters removed, within `search.budget_tolerance`."""
 from pipeline.pruning.database import Database
 from pipeline.run.outputs import DATABASE, levels_path, write_json
 from pipeline.run.stage import run_stage
-from pipeline.search.evolution import prunable_params, uniform_levels
+from pipeline.search.evolution import prunable_params, uniform_at_size
 
 
 def main(params, say, group):
     db = Database(DATABASE)
-    levels = uniform_levels(params.search.target, db.levels, db.structure.num_layers)
+    levels = uniform_at_size(db, params.search.target, params.search.budget_tolerance)
     kept = prunable_params(db, levels)
     removed = 1 - kept / db.structure.dense_prunable_params
     say(f"uniform levels {levels['attn']} (attn) {levels['mlp']} (mlp): removes {removed:.1%} of attention+MLP")

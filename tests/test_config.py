@@ -67,6 +67,7 @@ def test_every_required_key_must_be_given(tmp_path):
     (lambda r: r["database"].update(method="wanda"), "database.method is 'wanda': valid values are 'obs'"),
     (lambda r: r["compute"].update(nproc=3), "finetune.batch_size (8) must be divisible by compute.nproc (3)"),
     (lambda r: r["data"].update(seq_len=4096), "exceeds the demo model's context"),
+    (lambda r: r["compute"].update(threads=0), "compute.threads is 0: must be > 0"),
     (lambda r: r["model"].update(name_or_path="org/model"), "data.train is 'demo' but model.name_or_path"),
 ])
 def test_bad_params_are_refused_with_the_key_named(tmp_path, edit, message):
@@ -133,6 +134,9 @@ def test_checks_against_the_model_shape(tmp_path):
     tiny = load_params(_write(tmp_path, lambda r: r["search"].update(target=0.01)))
     with pytest.raises(ConfigError, match="rounds to no level removed"):
         check_params_against_model(tiny, 4, 128)
+    huge = load_params(_write(tmp_path, lambda r: r["search"].update(target=0.99)))
+    with pytest.raises(ConfigError, match="rounds to every module removed"):
+        check_params_against_model(huge, 4, 128)
 
 
 def test_unresolvable_model_id_is_a_clear_error_offline(monkeypatch):

@@ -73,3 +73,20 @@ def test_lm_eval_on_an_exported_folder_matches_direct_loglikelihoods(tmp_path, m
 def test_unknown_task_is_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="no_such_task"):
         run_lm_eval(tmp_path, ["no_such_task"], None)
+
+
+def test_items_longer_than_the_context_are_truncated_and_counted(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    tokenizer = train_tokenizer([" ".join(WORDS)] * 40, 300)
+    model = tiny_family("llama", vocab=len(tokenizer))  # context: 64 positions
+    model.save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    long = " ".join(WORDS * 8)  # about 100 tokens: longer than the whole context
+    rows = [{"question": "the cat", "choices": ["sat", "ran", "red"], "answer": 0},
+            {"question": long, "choices": ["sat", "ran", "red"], "answer": 1},  # context cut from the left
+            {"question": "a dog", "choices": [long, "ran", "red"], "answer": 1}]  # a choice longer than the context
+    (tmp_path / "tasks").mkdir()
+    _task(tmp_path / "tasks", rows)
+    results = run_lm_eval(tmp_path / "model", ["tiny_mc"], tmp_path / "tasks", batch_size=2)
+    assert results["tiny_mc"]["truncated"] == 4  # 3 choices of the long question + the long choice
+    assert 0 <= results["tiny_mc"]["acc"] <= 1 and "acc_stderr" in results["tiny_mc"]

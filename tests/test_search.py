@@ -6,6 +6,7 @@ import torch
 from helpers import shipped
 
 from pipeline.config import SelectionStage
+from pipeline.errors import ConfigError
 from pipeline.model.structure import structure_of
 from pipeline.pruning.database import Database, build_database
 from pipeline.search.evolution import (
@@ -13,12 +14,14 @@ from pipeline.search.evolution import (
     SearchState,
     depth_levels,
     evolve,
+    fitness_rank,
     level_sum,
     mutate,
     offspring,
     params_table,
     prunable_params,
     switch_count,
+    uniform_at_size,
     uniform_levels,
 )
 from pipeline.search.fitness import fitness, teacher_targets
@@ -100,8 +103,8 @@ def test_search_is_deterministic_never_worse_than_start_and_keeps_budget(tiny_mo
     swapper = LevelSwapper(tiny_model, db)
     swapper.apply(start)
     start_fitness = fitness(tiny_model, fitness_set, teacher, 4)
-    a = evolve(swapper, start, _params(), fitness_set, teacher)
-    b = evolve(LevelSwapper(tiny_model, db), start, _params(), fitness_set, teacher)
+    a = evolve(swapper, start, _params(budget="levels"), fitness_set, teacher)
+    b = evolve(LevelSwapper(tiny_model, db), start, _params(budget="levels"), fitness_set, teacher)
     assert a.parent == b.parent and [h["fitness"] for h in a.history] == [h["fitness"] for h in b.history]
     for m in start:
         assert sum(a.parent[m]) == sum(start[m])
@@ -188,6 +191,82 @@ def test_params_table_matches_materialized_models(tiny_model, setup):
     model = materialize(tiny_model, db.structure, db.weights_for(levels))
     prunable = sum(p.numel() for n, p in model.named_parameters() if "_proj" in n)
     assert prunable_params(db, levels) == prunable
+
+
+def test_uniform_at_size_removes_the_target_share_of_parameters(setup):
+    db, _, _ = setup
+    table, dense = params_table(db), db.structure.dense_prunable_params
+    for target in (0.3, 0.5, 0.7):
+        levels = uniform_at_size(db, target, 0.05, table)
+        removed = 1 - prunable_params(db, levels, table) / dense
+        by_level_sums = 1 - prunable_params(db, uniform_levels(target, db.levels, 3), table) / dense
+        assert abs(removed - target) <= min(0.05, abs(by_level_sums - target))
+        for m in levels:
+            assert max(levels[m]) - min(levels[m]) <= 1  # still uniform within each module type
+
+
+def test_a_diverged_candidate_sorts_last():
+    scores = [0.3, float("nan"), 0.1, float("inf")]
+    assert sorted(range(4), key=lambda i: fitness_rank(scores[i])) == [2, 0, 3, 1]
+
+
+def test_a_search_with_nothing_to_move_says_so(tiny_model, setup):
+    db, fitness_set, teacher = setup
+    dense = {"attn": [0, 0, 0], "mlp": [0, 0, 0]}
+    with pytest.raises(ConfigError, match="no offspring"):
+        evolve(LevelSwapper(tiny_model, db), dense, _params(budget="levels"), fitness_set, teacher)
+
+
+def test_the_level_cache_stays_within_its_byte_budget(setup):
+    db, _, _ = setup
+    small = Database(db.path, cache_bytes=2000)
+    for layer in range(3):
+        for level in range(db.levels + 1):
+            for module in ("attn", "mlp"):
+                kept, weight = small.level_weight(layer, module, level)
+                ref_kept, ref_weight = db.level_weight(layer, module, level)
+                assert torch.equal(kept, ref_kept) and torch.equal(weight, ref_weight)
+                assert small._cached_bytes <= 2000 or len(small._cache) == 1
+
+
+def test_search_prunes_a_planted_sensitive_layer_less_than_uniform(tokens, tmp_path):
+    """Layer 1's MLP output is scaled up 6x, so removing its neurons costs far more than elsewhere:
+    the search must move levels away from it; a search that never helps would keep it uniform."""
+    from helpers import tiny_llama
+    model = tiny_llama(seed=2)
+    with torch.no_grad():
+        model.model.layers[1].mlp.down_proj.weight.mul_(6.0)
+    build_database(model, structure_of(model), tokens, levels=4, damp=0.01, out_dir=tmp_path / "db", identity={},
+                   batch_size=6)
+    db = Database(tmp_path / "db")
+    fitness_set = torch.randint(0, 64, (8, 16), generator=torch.Generator().manual_seed(5))
+    teacher = teacher_targets(model, fitness_set, 4, "kl")
+    start = uniform_levels(0.5, 4, 3)
+    state = evolve(LevelSwapper(model, db), start, _params(budget="levels", generations=12, offspring=8),
+                   fitness_set, teacher)
+    assert state.parent["mlp"][1] < start["mlp"][1]
+    assert sum(state.parent["mlp"]) == sum(start["mlp"])
+
+
+def test_training_aware_candidates_train_their_steps_and_stay_pruned(tiny_model, setup, monkeypatch):
+    from pipeline.search import evolution
+    db, fitness_set, teacher = setup
+    train_set = torch.randint(0, 64, (10, 16), generator=torch.Generator().manual_seed(6))
+    calls, real = [], evolution.train_causal_lm
+
+    def spy(model, sequences, **kw):
+        shapes = {n: p.shape for n, p in model.named_parameters()}
+        losses = real(model, sequences, **kw)
+        assert {n: p.shape for n, p in model.named_parameters()} == shapes  # still the pruned widths
+        calls.append((len(sequences), kw["steps"], kw["batch_size"], len(losses)))
+        return losses
+    monkeypatch.setattr(evolution, "train_causal_lm", spy)
+    schedule = (SelectionStage(survivors=2, fitness_tokens=32, train_tokens=64),
+                SelectionStage(survivors=1, fitness_tokens=128, train_tokens=96))
+    evolve(LevelSwapper(tiny_model, db), uniform_levels(0.5, 4, 3),
+           _params(generations=1, offspring=4, schedule=schedule, train_batch_size=2), fitness_set, teacher, train_set)
+    # stage 1: 4 candidates on 64 tokens = 4 sequences = 2 steps of 2; stage 2: 2 + the parent on 6 sequences
+    assert calls == [(4, 2, 2, 2)] * 4 + [(6, 3, 2, 3)] * 3
 
 
 @pytest.mark.parametrize("target,layers", [(0.5, 4), (0.3, 7), (0.25, 32)])

@@ -45,6 +45,7 @@ def test_a_signal_ends_the_stage_cleanly_with_one_line(tmp_path, sig):
     (tmp_path / "work" / "checkpoint.pt").write_text("the previous checkpoint")
     process = subprocess.Popen([sys.executable, "stage.py"], cwd=tmp_path, stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True)
+    assert "thread" in process.stdout.readline()  # the stage says how it runs, then starts writing
     assert "writing" in process.stdout.readline()
     process.send_signal(sig)
     _, stderr = process.communicate(timeout=60)

@@ -11,7 +11,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from pipeline.config import DatasetSpec, ModelParams, Params, TextSource
 from pipeline.data import check_corpus_budgets, require_eos
 from pipeline.errors import ConfigError
-from pipeline.model.structure import count_params, structure_of
+from pipeline.model.structure import count_params, hf_location, is_gguf, structure_of
 from pipeline.run.distributed import pick_device, torchrun_path
 from pipeline.run.hashing import file_sha256, folder_sha256
 
@@ -19,15 +19,17 @@ from pipeline.run.hashing import file_sha256, folder_sha256
 def describe_model(p: ModelParams) -> dict:
     """Identity (hub id + revision, or folder + content hash), architecture and size; refuses
     models without the Llama block layout before anything is downloaded or loaded."""
+    where, extra = hf_location(p.name_or_path)
     try:
-        config = AutoConfig.from_pretrained(p.name_or_path, revision=p.revision)
+        config = AutoConfig.from_pretrained(where, revision=p.revision, **extra)
     except OSError as err:
         raise ConfigError(f"model.name_or_path '{p.name_or_path}' cannot be resolved: {err}") from None
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(config)
     structure = structure_of(skeleton)
-    folder = Path(p.name_or_path)
-    identity = {"kind": "folder", "folder_sha256": folder_sha256(folder)} if folder.is_dir() else \
+    local = Path(p.name_or_path)
+    identity = {"kind": "gguf", "file_sha256": file_sha256(local)} if is_gguf(p.name_or_path) else \
+        {"kind": "folder", "folder_sha256": folder_sha256(local)} if local.is_dir() else \
         {"kind": "hub", "revision": p.revision or "main"}
     return {"name_or_path": p.name_or_path, **identity, "model_type": config.model_type,
             "parameters": count_params(skeleton), "structure": structure.__dict__,
@@ -40,9 +42,11 @@ def check_params_against_model(params, num_layers: int, context: int | None) -> 
         raise ConfigError(f"data.seq_len ({params.data.seq_len}) exceeds the model's context "
                           f"(max_position_embeddings = {context})")
     levels, target = params.database.levels, params.search.target
-    if round(target * levels * num_layers) == 0:
+    total = round(target * levels * num_layers)
+    if total in (0, levels * num_layers):  # every module at level 0 (or K): the search has nothing to move
         raise ConfigError(f"search.target {target} with database.levels {levels} over {num_layers} layers rounds "
-                          "to no level removed at all: raise search.target or database.levels")
+                          f"to {'no level removed at all' if total == 0 else 'every module removed'}: "
+                          f"{'raise' if total == 0 else 'lower'} search.target or raise database.levels")
 
 
 def check_real_model(params: Params) -> dict[str, int]:
@@ -59,8 +63,9 @@ def check_real_model(params: Params) -> dict[str, int]:
 
 def load_tokenizer(p: ModelParams):
     """The model's tokenizer, loaded as the later stages load it (`modeling.load_dense`)."""
+    where, extra = hf_location(p.name_or_path)
     try:
-        return AutoTokenizer.from_pretrained(p.name_or_path, revision=p.revision)
+        return AutoTokenizer.from_pretrained(where, revision=p.revision, **extra)
     except (OSError, ValueError) as err:
         raise ConfigError(f"model.name_or_path '{p.name_or_path}': its tokenizer cannot be loaded: {err}") from None
 
@@ -97,7 +102,13 @@ def check_compute(params: Params) -> None:
 def check_paths(params: Params) -> None:
     """Raises ConfigError naming the key whose folder or file is missing."""
     name = params.model.name_or_path
-    if _looks_like_path(name) and not Path(name).is_dir():
+    if is_gguf(name):
+        if not Path(name).is_file():
+            raise ConfigError(f"model.name_or_path: GGUF file '{name}' not found")
+        if importlib.util.find_spec("gguf") is None:
+            raise ConfigError(f"model.name_or_path '{name}' is a GGUF file, which needs the gguf package: "
+                              "pip install -r requirements.txt")
+    elif _looks_like_path(name) and not Path(name).is_dir():
         raise ConfigError(f"model.name_or_path: folder '{name}' does not exist "
                           "(give 'demo', a Hugging Face hub id such as 'meta-llama/Llama-3.1-8B', "
                           "or an existing folder)")

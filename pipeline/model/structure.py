@@ -89,18 +89,32 @@ def structure_of(model) -> Structure:
                      head_dim=head_dim, intermediate_size=config.intermediate_size)
 
 
+def is_gguf(name_or_path: str) -> bool:
+    return str(name_or_path).lower().endswith(".gguf")
+
+
+def hf_location(name_or_path: str | Path) -> tuple[str, dict]:
+    """`from_pretrained` arguments for a hub id, a folder, or a GGUF file (its folder and `gguf_file`;
+    transformers dequantizes it to float32)."""
+    if is_gguf(name_or_path):
+        return str(Path(name_or_path).parent), {"gguf_file": Path(name_or_path).name}
+    return str(name_or_path), {}
+
+
 def load_dense(path: str | Path, dtype: str = "float32", revision: str | None = None):
-    """Load a causal LM and its tokenizer the ordinary Hugging Face way (hub id or local folder)."""
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype), revision=revision)
-    tokenizer = AutoTokenizer.from_pretrained(path, revision=revision)
+    """Load a causal LM and its tokenizer the ordinary Hugging Face way (hub id, local folder or GGUF file)."""
+    where, extra = hf_location(path)
+    model = AutoModelForCausalLM.from_pretrained(where, dtype=getattr(torch, dtype), revision=revision, **extra)
+    tokenizer = AutoTokenizer.from_pretrained(where, revision=revision, **extra)
     model.eval()
     structure_of(model)
     return model, tokenizer
 
 
 def dense_source(params) -> str:
-    """Where the dense model is loaded from: the demo's pretrained folder or the user's model."""
-    return str(BASE_MODEL) if params.is_demo else params.model.name_or_path
+    """Where the dense model is loaded from: the base stage's folder (the demo pretrained, or a GGUF file
+    dequantized once) or the user's hub id or folder."""
+    return str(BASE_MODEL) if params.is_demo or is_gguf(params.model.name_or_path) else params.model.name_or_path
 
 
 def load_dense_model(params):

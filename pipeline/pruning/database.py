@@ -8,6 +8,7 @@ kept columns only (`weight.{k}`); its metadata holds the OBS loss of every level
 from __future__ import annotations
 
 import json
+from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
 
@@ -192,10 +193,11 @@ def open_with_dense_model(params, device) -> tuple[Database, torch.nn.Module, ob
 
 
 class Database:
-    """Read access to a built database; tensors are loaded lazily and kept in memory. Each module's file
+    """Read access to a built database; tensors are loaded lazily and the most recently used ones kept in
+    memory, up to `cache_bytes` (all of Llama-3.1-8B's levels would take about 26 GB). Each module's file
     is checked against its manifest checksum the first time it is read."""
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, cache_bytes: int = 4 * 2**30):
         self.path = Path(path)
         manifest_path = self.path / MANIFEST
         if not manifest_path.is_file():
@@ -208,7 +210,9 @@ class Database:
         self.structure = Structure(**self.manifest["structure"])
         self.per_unit = {m: obs_unit_heads(self.structure, m, self.manifest.get("attn_unit", "query"),
                                            self.manifest.get("mlp_unit", 1)) for m in MODULE_TYPES}
-        self._cache: dict = {}
+        self._cache: OrderedDict = OrderedDict()
+        self._cached_bytes, self.cache_bytes = 0, cache_bytes
+        self._biases: dict = {}
         self._verified: set[str] = set()
 
     @classmethod
@@ -245,23 +249,28 @@ class Database:
         if not 0 <= level <= self.levels:
             raise ValueError(f"level {level} outside 0..{self.levels}")
         key = (layer, module, level)
-        if key not in self._cache:
-            with safe_open(str(self._verify(layer, module)), framework="pt") as f:
-                members = unit_indices(f.get_tensor(f"kept.{level}"), self.per_unit[module])
-                self._cache[key] = (members, f.get_tensor(f"weight.{level}"))
-        return self._cache[key]
+        if key in self._cache:
+            self._cache.move_to_end(key)
+            return self._cache[key]
+        with safe_open(str(self._verify(layer, module)), framework="pt") as f:
+            entry = unit_indices(f.get_tensor(f"kept.{level}"), self.per_unit[module]), f.get_tensor(f"weight.{level}")
+        self._cache[key] = entry
+        self._cached_bytes += _nbytes(entry)
+        while self._cached_bytes > self.cache_bytes and len(self._cache) > 1:
+            self._cached_bytes -= _nbytes(self._cache.popitem(last=False)[1])
+        return entry
 
     def level_bias(self, layer: int, module: str, level: int) -> torch.Tensor | None:
         """The output projection's whole bias at that level where the database stores one (FLAP's bias
         compensation, the dense bias included), else None (the dense model's bias, if any, stands)."""
         if not 0 <= level <= self.levels:
             raise ValueError(f"level {level} outside 0..{self.levels}")
-        key = (layer, module, level, "bias")
-        if key not in self._cache:
+        key = (layer, module, level)
+        if key not in self._biases:  # one hidden-size vector (or None) per level: kept outside the byte budget
             with safe_open(str(self._verify(layer, module)), framework="pt") as f:
                 names = set(f.keys())
-                self._cache[key] = f.get_tensor(f"bias.{level}") if f"bias.{level}" in names else None
-        return self._cache[key]
+                self._biases[key] = f.get_tensor(f"bias.{level}") if f"bias.{level}" in names else None
+        return self._biases[key]
 
     def weights_for(self, levels: dict[str, list[int]]) -> dict:
         """`levels[module][layer]` -> {(layer, module): (kept units, weight, bias or None)} for `materialize`."""
@@ -283,3 +292,7 @@ class Database:
 
     def kept_count(self, module: str, level: int) -> int:
         return self.manifest["kept_units"][module][level]
+
+
+def _nbytes(entry: tuple[torch.Tensor, ...]) -> int:
+    return sum(t.numel() * t.element_size() for t in entry)

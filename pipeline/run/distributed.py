@@ -116,3 +116,14 @@ def relaunch_with_torchrun(module: str, nproc: int, argv: list[str]) -> None:
     (one node; for several nodes run torchrun yourself with --nnodes and a rendezvous endpoint)."""
     torchrun = torchrun_path()
     os.execv(torchrun, [torchrun, "--standalone", f"--nproc-per-node={nproc}", "-m", module, *argv])
+
+
+def set_threads(threads: int | None) -> int:
+    """torch's intra-op threads for this process: `threads`, or the cores this process may use divided
+    among the processes torchrun started on this machine (each would otherwise take every core, and
+    threads spinning on a busy core make a search generation several times slower). Returns the count."""
+    if threads is None:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        threads = max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    torch.set_num_threads(threads)
+    return threads

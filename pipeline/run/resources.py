@@ -37,6 +37,7 @@ def require_disk(path: Path, need: int, what: str) -> None:
                             "free: free some space (e.g. `dvc gc`, old .darwinlm/ work) or lower the sizes")
 
 
-def training_bytes(parameters: int, weight_bytes: int) -> int:
-    """Weights, gradients and AdamW's two fp32 moments of a model being trained."""
-    return parameters * (2 * weight_bytes + 8)
+def training_bytes(parameters: int) -> int:
+    """What training holds per parameter: fp32 master weights and gradients (a bf16/fp16 model trains
+    on an fp32 copy: see pipeline/train.py) and AdamW's two fp32 moments."""
+    return parameters * 16

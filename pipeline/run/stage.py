@@ -40,6 +40,7 @@ def run_stage(name: str, sections: tuple[str, ...], body: Body, close_pipeline: 
     if multiprocess and params.compute.nproc > 1 and not distributed.launched_by_torchrun():
         distributed.relaunch_with_torchrun(sys.modules["__main__"].__spec__.name, params.compute.nproc, sys.argv[1:])
     group = distributed.init(params.compute.device)  # a single process unless torchrun started this one
+    threads = distributed.set_threads(params.compute.threads)
     all_params = section_dicts(params, tuple(type(params).model_fields))
 
     def say(message: str) -> None:
@@ -51,8 +52,8 @@ def run_stage(name: str, sections: tuple[str, ...], body: Body, close_pipeline: 
                                 enabled=params.tracking.enabled and group.is_main,
                                 close_pipeline=close_pipeline) as run:
             started = time.time()
-            if group.world > 1:
-                say(f"{group.world} processes on {group.device.type}")
+            say(f"{group.world} process{'es' if group.world > 1 else ''} on {group.device.type}, "
+                f"{threads} thread{'s' if threads > 1 else ''} each")
             metrics = body(params, say, group)
             metrics["seconds"] = round(time.time() - started, 2)
             tracking.log_metrics({"seconds": metrics["seconds"]})

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from pipeline.config import SearchParams, SelectionStage
+from pipeline.errors import ConfigError
 from pipeline.model.materialize import materialize
 from pipeline.model.structure import MODULE_TYPES, masked_weight, output_projection, unit_indices
 from pipeline.pruning.database import Database
@@ -35,20 +36,45 @@ def level_sum(target: float, levels: int, num_layers: int) -> int:
 
 
 def uniform_levels(target: float, levels: int, num_layers: int) -> Levels:
-    """Every module at the level nearest the target; when target*K is not whole, the remainder
+    """Every module at the level nearest target*K; when target*K is not whole, the remainder
     is spread over evenly spaced layers so each type's level sum is round(target*K*L)."""
-    total = level_sum(target, levels, num_layers)
-    base, extra = divmod(total, num_layers)
-    per_layer = [base + ((i + 1) * extra // num_layers - i * extra // num_layers) for i in range(num_layers)]
+    per_layer = spread(level_sum(target, levels, num_layers), num_layers)
     return {m: list(per_layer) for m in MODULE_TYPES}
 
 
 def depth_levels(target: float, levels: int, num_layers: int) -> Levels:
     """The start of a depth search (`search.space: depth`): round(target*L) modules of each type removed
     whole (level K), at evenly spaced layers, the others dense (level 0)."""
-    n = round(target * num_layers)
-    return {m: [levels * ((i + 1) * n // num_layers - i * n // num_layers) for i in range(num_layers)]
-            for m in MODULE_TYPES}
+    removed = [levels * whole for whole in spread(round(target * num_layers), num_layers)]
+    return {m: list(removed) for m in MODULE_TYPES}
+
+
+def spread(total: int, num_layers: int) -> list[int]:
+    """`total` levels over the layers as evenly as possible, the extra ones on evenly spaced layers."""
+    base, extra = divmod(total, num_layers)
+    return [base + ((i + 1) * extra // num_layers - i * extra // num_layers) for i in range(num_layers)]
+
+
+def uniform_at_size(db: Database, target: float, tolerance: float, table: dict | None = None) -> Levels:
+    """The uniform baseline at `target` read as the fraction of attention+MLP *parameters* removed.
+
+    Level steps remove unequal parameter counts (a key/value head goes only with its last query head),
+    so level sums alone miss the size (the demo's "50%" removed 46.9%). Each type's levels are spread
+    evenly (`spread`); of the level-sum pairs whose size lies within `tolerance` (a fraction of the dense
+    attention+MLP parameters) of the target, the one closest to removing equal shares of both types is
+    taken, ties to the closest size; if none lies within, the closest size."""
+    table = table or params_table(db)
+    layers, top = db.structure.num_layers, db.levels * db.structure.num_layers
+    dense = db.structure.dense_prunable_params
+    sizes = {m: [sum(table[m][i][lv] for i, lv in enumerate(spread(total, layers))) for total in range(top + 1)]
+             for m in MODULE_TYPES}
+    goal, slack = (1 - target) * dense, tolerance * dense
+
+    def rank(pair):
+        off = abs(sizes["attn"][pair[0]] + sizes["mlp"][pair[1]] - goal)
+        return (off > slack, abs(pair[0] - pair[1]) if off <= slack else 0, off)
+    attn, mlp = min(((a, m) for a in range(top + 1) for m in range(top + 1)), key=rank)
+    return {"attn": spread(attn, layers), "mlp": spread(mlp, layers)}
 
 
 def mutate(parent: Levels, max_level: int, rng: random.Random, max_switches: int, across_types: bool = False,
@@ -90,6 +116,11 @@ def offspring(parent: Levels, count: int, max_level: int, rng: random.Random, ma
             if len(children) == count:
                 break
     return children
+
+
+def fitness_rank(score: float) -> tuple[bool, float]:
+    """Sort key: lower fitness first, a diverged (NaN) candidate after every other."""
+    return math.isnan(score), score
 
 
 def _key(levels: Levels) -> tuple:
@@ -197,13 +228,17 @@ def evolve(swapper: LevelSwapper, start: Levels, p: SearchParams, fitness_set: t
         children = offspring(state.parent, p.offspring, max_level, state.rng, p.max_level_switches,
                              across_types=p.budget == "params", accept=accept,
                              step=max_level if p.space == "depth" else 1)
+        if not children:
+            raise ConfigError(f"search: no offspring of {state.parent} lies within the budget ({p.budget}); "
+                              "every module sits at level 0 or K, or search.budget_tolerance is too tight: "
+                              "choose a search.target further from 0 and 1, or a larger budget_tolerance")
         candidates = children
         record = {"generation": state.generation + 1, "offspring": len(children)}
         for s, stage in enumerate(p.schedule):
             if s == len(p.schedule) - 1 and state.parent not in candidates:  # elitism
                 candidates = candidates + [state.parent]
             scores = _score_stage(swapper, candidates, stage, p, fitness_set, teacher, train_set, state.rng, group)
-            order = sorted(range(len(candidates)), key=lambda i: scores[i])
+            order = sorted(range(len(candidates)), key=lambda i: fitness_rank(scores[i]))
             candidates = [candidates[i] for i in order[: stage.survivors]]
             record[f"stage{s + 1}_best"] = scores[order[0]]
             record[f"stage{s + 1}_survivors"] = len(candidates)

@@ -25,7 +25,8 @@ class Teacher:
     logprobs: torch.Tensor | None = None  # kl: (n, seq, vocab); topk_kl: (n, seq, k)
     index: torch.Tensor | None = None  # topk_kl: (n, seq, k) token ids
 
-    def subset(self, rows: torch.Tensor) -> Teacher:
+    def subset(self, rows: torch.Tensor | slice) -> Teacher:
+        """The targets of some rows: a view for a slice, a copy for a tensor of row indices."""
         return Teacher(self.kind, *(t[rows] if t is not None else None for t in (self.logprobs, self.index)))
 
     def to(self, device: torch.device) -> Teacher:
@@ -44,7 +45,7 @@ def teacher_targets(model, sequences: torch.Tensor, batch_size: int, kind: str, 
     parts, index = [], []
     device = device_of(model)
     for batch in torch.split(sequences, batch_size):  # targets are kept in CPU memory
-        logprobs = F.log_softmax(model(input_ids=batch.to(device)).logits.float(), dim=-1).cpu()
+        logprobs = F.log_softmax(model(input_ids=batch.to(device), use_cache=False).logits.float(), dim=-1).cpu()
         if kind == "topk_kl":
             values, idx = logprobs.topk(min(topk, logprobs.shape[-1]), dim=-1)
             parts.append(values)
@@ -72,9 +73,9 @@ def fitness(model, sequences: torch.Tensor, teacher: Teacher, batch_size: int) -
     total, count = 0.0, 0
     device = device_of(model)
     for start in range(0, len(sequences), batch_size):
-        rows = torch.arange(start, min(len(sequences), start + batch_size))
+        rows = slice(start, start + batch_size)  # a view: copying full-vocabulary targets costs more than scoring
         batch, target = sequences[rows].to(device), teacher.subset(rows).to(device)
-        logits = model(input_ids=batch).logits
+        logits = model(input_ids=batch, use_cache=False).logits
         if teacher.kind == "ppl":
             values = next_token_loss(logits, batch, reduction="none")
         elif teacher.kind == "topk_kl":
