@@ -29,6 +29,10 @@ from pipeline.errors import ConfigError
 
 Fitness = Literal["kl", "topk_kl", "ppl"]
 FITNESS_KINDS = typing.get_args(Fitness)
+# how a layer database chooses the units each level removes (pipeline/pruning/scored.py for all but obs)
+DatabaseMethod = Literal["obs", "magnitude", "wanda_sp", "flap"]
+# the neighbouring methods every run can report at the searched model's size (pipeline/search/baselines.py)
+Baseline = Literal["uniform_magnitude", "wanda_sp", "flap", "cfsp", "shortgpt"]
 
 
 def _number(value):  # YAML 1.1 reads "1e-5" (no dot) as a string
@@ -137,6 +141,7 @@ class DatabaseParams(Section):
     # query: single query heads | kv_group: a key/value head with its query heads
     attn_unit: Literal["query", "kv_group"]
     mlp_unit: Pos  # neurons removed together (e.g. 64 or 128 for hardware-friendly widths)
+    method: DatabaseMethod = "obs"  # obs (DarwinLM) | magnitude | wanda_sp | flap: how units are chosen
 
 
 class SelectionStage(Section):
@@ -157,6 +162,8 @@ class SearchParams(Section):
     fitness: Fitness  # kl | topk_kl | ppl
     topk: Pos  # tokens kept per position for topk_kl
     budget: Literal["levels", "params"]  # levels: level sums fixed per module type | params: total size fixed
+    # width: any level 0..K per module | depth: whole attention / MLP sublayers only (levels 0 or K; EvoPress)
+    space: Literal["width", "depth"] = "width"
     # budget params: allowed size deviation, fraction of dense attention+MLP
     budget_tolerance: Annotated[Float, Field(gt=0, lt=0.5)]
     eval_every: NonNeg  # log the parent's eval perplexity every N generations (0 = never)
@@ -203,6 +210,21 @@ class EvaluateParams(Section):
     lm_eval_include_path: str | None = None  # a folder of local task YAMLs (data may be local files)
     lm_eval_limit: Pos | None = None  # documents per task (None = all)
     lm_eval_fewshot: dict[str, NonNeg] = {}  # few-shot examples per task, e.g. {arc_challenge: 25}; else its default
+    baselines: list[Baseline] = []  # neighbouring methods built and evaluated one-shot at the searched size
+    finetune_baselines: list[Baseline] = []  # of those, the ones also trained as the searched model is (finetune.*)
+
+    @model_validator(mode="after")
+    def _baselines_once(self):
+        for key in ("baselines", "finetune_baselines"):
+            names = getattr(self, key)
+            repeated = sorted({b for b in names if names.count(b) > 1})
+            if repeated:
+                raise ConfigError(f"evaluate.{key} lists {', '.join(repeated)} more than once")
+        missing = [b for b in self.finetune_baselines if b not in self.baselines]
+        if missing:
+            raise ConfigError(f"evaluate.finetune_baselines lists {', '.join(missing)}, which evaluate.baselines "
+                              f"does not build ({', '.join(self.baselines) or 'none'}): add them there")
+        return self
 
 
 class TrackingParams(Section):

@@ -6,9 +6,11 @@ import torch
 
 from pipeline.data import load_tokens
 from pipeline.model.structure import MODULE_TYPES, dense_source, load_dense_model, structure_of
-from pipeline.pruning import database, obs
+from pipeline.pruning import database, obs, scored, scores
+from pipeline.pruning.activation_stats import calibration_stats
 from pipeline.pruning.block_stream import activation_bytes
 from pipeline.pruning.database import build_database, check_units, finished_modules, obs_unit_heads
+from pipeline.pruning.scored import build_scored_database
 from pipeline.pruning.sizes import database_output_bytes, database_working_bytes
 from pipeline.run import tracking
 from pipeline.run.hashing import inputs_key, model_fingerprint, tensor_sha256
@@ -31,7 +33,8 @@ def main(params, say, group):
     identity = {"model": dense_source(params), "model_fingerprint": model_fingerprint(model),
                 "calib_tokens": calib.numel(), "calib_sha256": tensor_sha256(calib)}
     # Finished modules live outside DVC's output until the end, so a killed run resumes from them.
-    work = DATABASE_WORK / inputs_key({**p.model_dump(), **identity}, (obs.__file__, database.__file__))
+    work = DATABASE_WORK / inputs_key({**p.model_dump(), **identity},
+                                      (obs.__file__, database.__file__, scored.__file__, scores.__file__))
     spill = _activations_file(params, calib, model, structure, group, work, say)
     done = finished_modules(work)
     if done:
@@ -39,18 +42,28 @@ def main(params, say, group):
 
     def on_module(layer, module, losses):
         rank = f" (rank {group.rank})" if group.world > 1 else ""
-        print(f"[database] layer {layer + 1}/{structure.num_layers} {module}{rank}: OBS loss at half level "
+        print(f"[database] layer {layer + 1}/{structure.num_layers} {module}{rank}: {p.method} loss at half level "
               f"{losses[len(losses) // 2]:.4g}", flush=True)
 
-    manifest = build_database(model, structure, calib, p.levels, p.damp, work, identity, batch_size=p.batch_size,
-                              hessian_dtype=getattr(torch, p.hessian_dtype), attn_unit=p.attn_unit,
-                              mlp_unit=p.mlp_unit, group=group, spill_file=spill, on_module=on_module)
+    if p.method == "obs":
+        manifest = build_database(model, structure, calib, p.levels, p.damp, work, identity,
+                                  batch_size=p.batch_size, hessian_dtype=getattr(torch, p.hessian_dtype),
+                                  attn_unit=p.attn_unit, mlp_unit=p.mlp_unit, group=group, spill_file=spill,
+                                  on_module=on_module)
+    else:  # a neighbouring method's database: unit scores from calibration statistics (magnitude: none)
+        say(f"database.method is {p.method}: units ranked by its score, output projections uncorrected")
+        stats = None if p.method == "magnitude" else calibration_stats(
+            model, calib, p.batch_size, group, spill,
+            on_layer=lambda layer: say(f"statistics of layer {layer + 1}/{structure.num_layers}"))
+        manifest = build_scored_database(model, structure, p.method, stats, p.levels, work, identity,
+                                         attn_unit=p.attn_unit, mlp_unit=p.mlp_unit,
+                                         on_module=on_module) if group.is_main else None
     if spill is not None:
         spill.unlink(missing_ok=True)
     if not group.is_main:
         return {}
     move_dir_into_place(work, DATABASE)
-    tracking.log_figure(obs_losses(manifest["obs_loss"]), "obs_loss.png")
+    tracking.log_figure(obs_losses(manifest["obs_loss"], p.method), "obs_loss.png")
     total = {m: sum(layer[len(layer) // 2] for layer in manifest["obs_loss"][m]) for m in MODULE_TYPES}
     return {"levels": p.levels, "obs_loss_half_level": total}
 

@@ -9,11 +9,12 @@ from pipeline.model.structure import count_params, dense_source
 from pipeline.pruning.database import open_with_dense_model
 from pipeline.run import tracking
 from pipeline.run.outputs import MODELS, levels_path, metrics_path, read_json
-from pipeline.run.plots import layer_structure
+from pipeline.run.plots import baseline_panel, layer_structure
 from pipeline.run.resources import gib
 from pipeline.run.stage import run_stage
 
-UPSTREAM = ("base", "calibration", "database", "uniform", "search", "finetune@searched", "finetune@uniform")
+UPSTREAM = ("base", "calibration", "database", "uniform", "search", "finetune@searched", "finetune@uniform",
+            "baselines")
 
 
 def main(params, say, group):
@@ -52,17 +53,32 @@ def main(params, say, group):
                               "finetuned": ppl["uniform_finetuned"] / ppl["searched_finetuned"] - 1},
         "params": {"dense": sizes["dense"], "pruned": sizes["searched"], "uniform": sizes["uniform"],
                    "ratio": sizes["searched"] / sizes["dense"]},
+        "panel": _panel(ppl),
         **speed,
         **lm_eval,
     }
+    panel_rows = [{"method": name, **row} for name, row in metrics["panel"].items()]
+    tracking.log_table(panel_rows, "panel.json")
+    if panel_rows:
+        tracking.log_figure(baseline_panel(panel_rows), "baselines.png")
     tracking.log_metrics({k: v for k, v in metrics.items() if k in ("ppl", "gain_over_uniform", "params", "speed",
-                                                                     "speedup", "lm_eval")})
+                                                                     "speedup", "lm_eval", "panel")})
     prefix = params.tracking.register_as
     for name in ("searched", "uniform"):  # logged models, with the metrics that describe them
         tracking.log_model(MODELS[name], f"pruned_{name}", register_as=f"{prefix}-{name}" if prefix else None,
                            metrics={"ppl_oneshot": ppl[f"{name}_oneshot"], "ppl_finetuned": ppl[f"{name}_finetuned"],
                                     "parameters": sizes[name]})
     return metrics
+
+
+def _panel(ppl: dict) -> dict:
+    """The baselines stage's rows (size, one-shot ppl, KL to dense per method), with the finetuned
+    perplexities of the models this stage evaluated."""
+    panel = read_json(metrics_path("baselines")).get("panel", {})
+    for name in ("searched", "uniform"):
+        if name in panel:
+            panel[name]["ppl_finetuned"] = ppl[f"{name}_finetuned"]
+    return panel
 
 
 def _lm_eval(params, say, device) -> dict:

@@ -4,6 +4,7 @@ generation (outside DVC's outputs) and resumes an interrupted search of the same
 import pandas as pd
 
 from pipeline.data import load_tokens
+from pipeline.errors import ConfigError
 from pipeline.evaluate import perplexity
 from pipeline.model.structure import count_params, dense_source
 from pipeline.pruning.database import MANIFEST, open_with_dense_model
@@ -22,7 +23,14 @@ from pipeline.run.outputs import (
 from pipeline.run.plots import layer_structure, search_curve
 from pipeline.run.resources import gib, training_bytes
 from pipeline.run.stage import run_stage
-from pipeline.search.evolution import LevelSwapper, SearchState, evolve, prunable_params, uniform_at_size
+from pipeline.search.evolution import (
+    LevelSwapper,
+    SearchState,
+    depth_levels,
+    evolve,
+    prunable_params,
+    uniform_at_size,
+)
 from pipeline.search.fitness import fitness, teacher_bytes, teacher_targets
 
 
@@ -37,7 +45,13 @@ def main(params, say, group):
         + (f", a trained candidate at most {gib(training_bytes(count_params(model)))}"
            if p.tas else ""))
     teacher = teacher_targets(model, fitness_set, p.batch_size, p.fitness, p.topk)
-    start = uniform_at_size(db, p.target, p.budget_tolerance)
+    start = (depth_levels(p.target, db.levels, db.structure.num_layers) if p.space == "depth"
+             else uniform_at_size(db, p.target, p.budget_tolerance))
+    if p.space == "depth" and sum(start["attn"]) in (0, db.levels * db.structure.num_layers):
+        raise ConfigError(f"search.target {p.target} removes {'no' if sum(start['attn']) == 0 else 'every'} "
+                          f"sublayer of the {db.structure.num_layers} layers with search.space: depth; "
+                          f"pick a target between {0.5 / db.structure.num_layers:.3f} and "
+                          f"{1 - 0.5 / db.structure.num_layers:.3f}")
     dense = db.structure.dense_prunable_params
     kept = prunable_params(db, start)
     say(f"target {p.target:.0%} -> starts from the uniform levels (level sums {sum(start['attn'])} attention, "

@@ -24,7 +24,8 @@ TINY = {
     "evaluate": dict(speed_prompt_len=16, speed_decode_tokens=4, speed_repeats=2),
     "tracking": dict(experiment="e2e"),
 }
-STAGES = ["base", "calibration", "database", "uniform", "search", "finetune@searched", "finetune@uniform", "evaluate"]
+STAGES = ["base", "calibration", "database", "uniform", "search", "finetune@searched", "finetune@uniform", "baselines",
+          "evaluate"]
 
 
 def _env():
@@ -81,6 +82,12 @@ def test_repro_produces_every_output(repo):
     assert m["params"]["pruned"] < m["params"]["dense"] and m["params"]["uniform"] < m["params"]["dense"]
     assert m["speed"]["searched"]["decode_ms_per_token"] > 0 and "CPU" in m["device"]
     assert set(m["speedup"]) == {"searched", "uniform"}
+    panel = m["panel"]  # the baselines stage's rows, merged
+    assert set(panel) == {"searched", "uniform", "uniform_magnitude", "wanda_sp", "flap", "cfsp", "shortgpt"}
+    assert all(1 < row["ppl_oneshot"] < 1000 and row["kl"] >= 0 for row in panel.values())
+    assert panel["searched"]["ppl_finetuned"] == m["ppl"]["searched_finetuned"]
+    assert all(1 < panel[name]["ppl_finetuned"] < 1000 for name in ("flap", "shortgpt"))  # finetune_baselines
+    assert (repo / "levels/baselines/flap.json").is_file() and (repo / "plots/baselines.csv").is_file()
     levels = json.loads((repo / "levels/searched.json").read_text())
     uniform = json.loads((repo / "levels/uniform.json").read_text())
     assert sum(levels["attn"]) == sum(uniform["attn"]) and sum(levels["mlp"]) == sum(uniform["mlp"])
@@ -142,7 +149,8 @@ def test_param_changes_rerun_only_the_stages_that_depend_on_them(repo):
     try:
         assert _stale(repo) == set()
         _edit_params(repo, "finetune", lr=0.002)
-        assert _stale(repo) == {"finetune@searched", "finetune@uniform"}  # evaluate follows via their outputs
+        # evaluate follows via their outputs; the baselines stage trains the selected baselines alike
+        assert _stale(repo) == {"finetune@searched", "finetune@uniform", "baselines"}
         (repo / "params.yaml").write_text(original)
         _edit_params(repo, "database", damp=0.02)
         assert _stale(repo) == {"database"}

@@ -12,6 +12,7 @@ from pipeline.pruning.database import Database, build_database
 from pipeline.search.evolution import (
     LevelSwapper,
     SearchState,
+    depth_levels,
     evolve,
     fitness_rank,
     level_sum,
@@ -266,3 +267,32 @@ def test_training_aware_candidates_train_their_steps_and_stay_pruned(tiny_model,
            _params(generations=1, offspring=4, schedule=schedule, train_batch_size=2), fitness_set, teacher, train_set)
     # stage 1: 4 candidates on 64 tokens = 4 sequences = 2 steps of 2; stage 2: 2 + the parent on 6 sequences
     assert calls == [(4, 2, 2, 2)] * 4 + [(6, 3, 2, 3)] * 3
+
+
+@pytest.mark.parametrize("target,layers", [(0.5, 4), (0.3, 7), (0.25, 32)])
+def test_depth_start_removes_whole_modules_evenly(target, layers):
+    start = depth_levels(target, 10, layers)
+    for v in start.values():
+        assert set(v) <= {0, 10} and v.count(10) == round(target * layers)
+
+
+def test_depth_mutation_swaps_whole_modules_and_keeps_the_counts():
+    rng = random.Random(3)
+    parent = depth_levels(0.5, 10, 6)
+    for _ in range(200):
+        child = mutate(parent, 10, rng, 3, step=10)
+        for m in parent:
+            assert set(child[m]) <= {0, 10} and child[m].count(10) == parent[m].count(10)
+        parent = child
+
+
+def test_depth_search_stays_in_the_depth_space_and_never_worsens(tiny_model, setup):
+    db, fitness_set, teacher = setup
+    start = depth_levels(1 / 3, db.levels, 3)
+    swapper = LevelSwapper(tiny_model, db)
+    swapper.apply(start)
+    start_fitness = fitness(tiny_model, fitness_set, teacher, 4)
+    state = evolve(swapper, start, _params(space="depth", generations=4, tas=False), fitness_set, teacher)
+    for m in start:
+        assert set(state.parent[m]) <= {0, db.levels} and sum(state.parent[m]) == sum(start[m])
+    assert state.history[-1]["fitness"] <= start_fitness + 1e-9

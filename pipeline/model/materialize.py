@@ -21,14 +21,17 @@ def _config_fields() -> frozenset[str]:
     return frozenset({f.name for f in dataclasses.fields(PrunedLlamaConfig)} | set(LlamaConfig().to_dict()))
 
 
-def pruned_config(dense_config, structure: Structure, kept: dict, families: dict) -> PrunedLlamaConfig:
-    """`kept[(layer, module)]` = kept unit indices (query heads or neurons)."""
+def pruned_config(dense_config, structure: Structure, kept: dict, families: dict,
+                  biased: frozenset = frozenset()) -> PrunedLlamaConfig:
+    """`kept[(layer, module)]` = kept unit indices (query heads or neurons); `biased` = the (layer, module)
+    whose output projection gets a bias of its own (FLAP's compensation)."""
     fields = _config_fields()
     values = {k: v for k, v in dense_config.to_dict().items() if k in fields and k not in _DROPPED_KEYS}
     layers = []
     for i in range(structure.num_layers):
         q_heads = sorted(int(h) for h in kept[(i, ATTN)])
-        layers.append(layer_record(q_heads, structure.kv_heads_used(q_heads), len(kept[(i, MLP)])))
+        layers.append(layer_record(q_heads, structure.kv_heads_used(q_heads), len(kept[(i, MLP)]),
+                                   (i, ATTN) in biased, (i, MLP) in biased))
     values.update(source_model_type=dense_config.model_type, qkv_bias=families["qkv_bias"],
                   qk_norm=families["qk_norm"], attention_bias=families["o_bias"], head_dim=structure.head_dim,
                   layers=layers)
@@ -42,12 +45,14 @@ def materialize(dense_model, structure: Structure, level_weights: dict) -> Prune
     """A physically smaller model: kept q/k/v/gate/up rows from the dense model, corrected
     o_proj/down_proj columns from the database.
 
-    `level_weights[(layer, module)]` = (kept unit indices, corrected output weight on kept columns).
+    `level_weights[(layer, module)]` = (kept unit indices, corrected output weight on kept columns) or
+    (..., output bias or None): a bias replaces the dense one (FLAP's compensation, `Database.weights_for`).
     Weights take the dtype of the dense model's first parameter; buffers (RoPE frequencies) keep
     the dense model's dtype.
     """
-    kept = {key: units for key, (units, _) in level_weights.items()}
-    config = pruned_config(dense_model.config, structure, kept, block_features(dense_model))
+    kept = {key: value[0] for key, value in level_weights.items()}
+    biases = {key: value[2] for key, value in level_weights.items() if len(value) > 2 and value[2] is not None}
+    config = pruned_config(dense_model.config, structure, kept, block_features(dense_model), frozenset(biases))
     with torch.device("meta"):
         model = PrunedLlamaForCausalLM(config)
     first = next(dense_model.parameters())
@@ -66,7 +71,7 @@ def materialize(dense_model, structure: Structure, level_weights: dict) -> Prune
     d = structure.head_dim
     for i, (layer, source) in enumerate(zip(pruned.layers, dense.layers)):
         attn, dense_attn = layer.self_attn, source.self_attn
-        q_units, o_weight = level_weights[(i, ATTN)]
+        q_units, o_weight = level_weights[(i, ATTN)][:2]
         if config.layers[i]["q_heads"]:
             same(layer.input_layernorm, source.input_layernorm)
             q_rows = unit_indices(q_units, d)
@@ -78,10 +83,12 @@ def materialize(dense_model, structure: Structure, level_weights: dict) -> Prune
             if config.qk_norm:
                 same(attn.q_norm, dense_attn.q_norm)
                 same(attn.k_norm, dense_attn.k_norm)
-        if dense_attn.o_proj.bias is not None:
+        if (i, ATTN) in biases:
+            put(attn.o_proj, "bias", biases[(i, ATTN)])
+        elif dense_attn.o_proj.bias is not None:
             put(attn.o_proj, "bias", dense_attn.o_proj.bias)
         mlp, dense_mlp = layer.mlp, source.mlp
-        neurons, down_weight = level_weights[(i, MLP)]
+        neurons, down_weight = level_weights[(i, MLP)][:2]
         if config.layers[i]["mlp"]:
             same(layer.post_attention_layernorm, source.post_attention_layernorm)
             neurons = torch.as_tensor(neurons, dtype=torch.long)
@@ -89,7 +96,9 @@ def materialize(dense_model, structure: Structure, level_weights: dict) -> Prune
                 for name, param in getattr(dense_mlp, proj).named_parameters():
                     put(getattr(mlp, proj), name, param[neurons])
             put(mlp.down_proj, "weight", down_weight)
-        if dense_mlp.down_proj.bias is not None:
+        if (i, MLP) in biases:
+            put(mlp.down_proj, "bias", biases[(i, MLP)])
+        elif dense_mlp.down_proj.bias is not None:
             put(mlp.down_proj, "bias", dense_mlp.down_proj.bias)
     if config.tie_word_embeddings:
         model.lm_head.weight = pruned.embed_tokens.weight

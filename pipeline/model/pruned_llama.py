@@ -9,9 +9,11 @@ key/value heads, and the kept MLP width,
 
     layers = [{"q_heads": [0, 1, 3], "kv_heads": [0, 1], "mlp": 5632}, ...]
 
-(no query heads: the attention is removed; "mlp": 0: the MLP is removed). Each decoder layer is
-built from its record. Query head q uses the kept key/value head that held q's original group,
-so GQA groups may shrink unevenly. A removed attention or MLP holds no parameters, nor does its
+(no query heads: the attention is removed; "mlp": 0: the MLP is removed). A record may also say
+"o_bias": true / "down_bias": true: that layer's o_proj / down_proj has an output bias although the
+family has none (FLAP's bias compensation of removed channels); records without them have none.
+Each decoder layer is built from its record. Query head q uses the kept key/value head that held
+q's original group, so GQA groups may shrink unevenly. A removed attention or MLP holds no parameters, nor does its
 input norm (only the constant output bias where the family has one), so every parameter gets a
 gradient (DDP/FSDP need no special cases). The same blocks serve Llama, Mistral, Qwen2
 (biases on q/k/v only: `qkv_bias`) and Qwen3 (per-head RMSNorm of queries and keys: `qk_norm`).
@@ -39,9 +41,12 @@ from transformers.models.llama.modeling_llama import (
 )
 
 
-def layer_record(q_heads, kv_heads, mlp) -> dict:
-    """One layer of the config: kept query heads, kept key/value heads (original indices), MLP width."""
-    return {"q_heads": [int(h) for h in q_heads], "kv_heads": [int(h) for h in kv_heads], "mlp": int(mlp)}
+def layer_record(q_heads, kv_heads, mlp, o_bias: bool = False, down_bias: bool = False) -> dict:
+    """One layer of the config: kept query heads, kept key/value heads (original indices), MLP width, and
+    whether o_proj / down_proj carry a bias of this layer's own (only written when they do)."""
+    record = {"q_heads": [int(h) for h in q_heads], "kv_heads": [int(h) for h in kv_heads], "mlp": int(mlp)}
+    record.update({k: True for k, v in (("o_bias", o_bias), ("down_bias", down_bias)) if v})
+    return record
 
 
 @strict
@@ -61,7 +66,8 @@ class PrunedLlamaConfig(LlamaConfig):
         if self.layers is None:
             self.layers = [(range(self.num_attention_heads), range(self.num_key_value_heads),
                             self.intermediate_size)] * self.num_hidden_layers
-        self.layers = [layer_record(r["q_heads"], r["kv_heads"], r["mlp"]) if isinstance(r, dict)
+        self.layers = [layer_record(r["q_heads"], r["kv_heads"], r["mlp"], r.get("o_bias", False),
+                                    r.get("down_bias", False)) if isinstance(r, dict)
                        else layer_record(*r) for r in self.layers]
 
     def validate_architecture(self):
@@ -112,7 +118,8 @@ class PrunedAttention(nn.Module):
         self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=in_bias)
         self.k_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=in_bias)
         self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=in_bias)
-        self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=config.attention_bias)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size,
+                                bias=config.attention_bias or record.get("o_bias", False))
         if config.qk_norm:
             self.q_norm = LlamaRMSNorm(self.head_dim, eps=config.rms_norm_eps)
             self.k_norm = LlamaRMSNorm(self.head_dim, eps=config.rms_norm_eps)
@@ -167,7 +174,7 @@ class RemovedAttention(nn.Module):
         super().__init__()
         self.layer_idx = layer_idx
         self.head_dim = config.head_dim
-        if config.attention_bias:
+        if config.attention_bias or config.layers[layer_idx].get("o_bias", False):
             self.o_proj = OutputBias(config.hidden_size)
 
     def forward(self, hidden_states, position_embeddings=None, attention_mask=None, cache=None, **kwargs):
@@ -190,7 +197,8 @@ class PrunedMLP(nn.Module):
         bias = config.mlp_bias
         self.gate_proj = nn.Linear(self.hidden_size, self.intermediate_size, bias=bias)
         self.up_proj = nn.Linear(self.hidden_size, self.intermediate_size, bias=bias)
-        self.down_proj = nn.Linear(self.intermediate_size, self.hidden_size, bias=bias)
+        self.down_proj = nn.Linear(self.intermediate_size, self.hidden_size,
+                                   bias=bias or config.layers[layer_idx].get("down_bias", False))
         self.act_fn = ACT2FN[config.hidden_act]
 
     def forward(self, x):
@@ -201,9 +209,9 @@ class RemovedMLP(nn.Module):
     """A layer without MLP neurons: outputs zeros (or down_proj's bias) and holds no weights."""
     intermediate_size = 0
 
-    def __init__(self, config: PrunedLlamaConfig):
+    def __init__(self, config: PrunedLlamaConfig, layer_idx: int):
         super().__init__()
-        if config.mlp_bias:
+        if config.mlp_bias or config.layers[layer_idx].get("down_bias", False):
             self.down_proj = OutputBias(config.hidden_size)
 
     def forward(self, x):
@@ -219,7 +227,7 @@ class PrunedDecoderLayer(GradientCheckpointingLayer):
         self.hidden_size = config.hidden_size
         self.self_attn = (PrunedAttention(config, layer_idx) if record["q_heads"]
                           else RemovedAttention(config, layer_idx))
-        self.mlp = PrunedMLP(config, layer_idx) if record["mlp"] else RemovedMLP(config)
+        self.mlp = PrunedMLP(config, layer_idx) if record["mlp"] else RemovedMLP(config, layer_idx)
         # A removed module's input norm would feed nothing (and get no gradient): none is built.
         self.input_layernorm = (LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps) if record["q_heads"]
                                 else nn.Identity())

@@ -126,6 +126,16 @@ def build_database(model, structure: Structure, calib: torch.Tensor, levels: int
     group.barrier()
     if not group.is_main:
         return None
+    return write_manifest(out_dir, structure, levels, attn_unit, mlp_unit, identity, {"method": "obs", "damp": damp})
+
+
+def write_manifest(out_dir: Path, structure: Structure, levels: int, attn_unit: str, mlp_unit: int, identity: dict,
+                   extra: dict) -> dict:
+    """The manifest of a database whose module files are all in `out_dir`: checksums, structure, kept
+    units per level and each module's loss per level (`obs_loss`: OBS's, or the removed units' summed
+    score for the scored methods); returns it."""
+    per_unit = {m: obs_unit_heads(structure, m, attn_unit, mlp_unit) for m in MODULE_TYPES}
+    counts = {m: removal_counts(structure.unit_count(m) // per_unit[m], levels) for m in MODULE_TYPES}
     losses = {m: [_stored_losses(out_dir / module_file(i, m)) for i in range(structure.num_layers)]
               for m in MODULE_TYPES}
     files = [module_file(i, m) for i in range(structure.num_layers) for m in MODULE_TYPES]
@@ -138,7 +148,7 @@ def build_database(model, structure: Structure, calib: torch.Tensor, levels: int
         "mlp_unit": mlp_unit,
         "kept_units": {m: [structure.unit_count(m) - c * per_unit[m] for c in counts[m]] for m in MODULE_TYPES},
         "obs_loss": losses,
-        "damp": damp,
+        **extra,
         "identity": identity,
     }
     write_text(out_dir / MANIFEST, json.dumps(manifest, indent=1))
@@ -202,6 +212,7 @@ class Database:
                                            self.manifest.get("mlp_unit", 1)) for m in MODULE_TYPES}
         self._cache: OrderedDict = OrderedDict()
         self._cached_bytes, self.cache_bytes = 0, cache_bytes
+        self._biases: dict = {}
         self._verified: set[str] = set()
 
     @classmethod
@@ -249,10 +260,35 @@ class Database:
             self._cached_bytes -= _nbytes(self._cache.popitem(last=False)[1])
         return entry
 
+    def level_bias(self, layer: int, module: str, level: int) -> torch.Tensor | None:
+        """The output projection's whole bias at that level where the database stores one (FLAP's bias
+        compensation, the dense bias included), else None (the dense model's bias, if any, stands)."""
+        if not 0 <= level <= self.levels:
+            raise ValueError(f"level {level} outside 0..{self.levels}")
+        key = (layer, module, level)
+        if key not in self._biases:  # one hidden-size vector (or None) per level: kept outside the byte budget
+            with safe_open(str(self._verify(layer, module)), framework="pt") as f:
+                names = set(f.keys())
+                self._biases[key] = f.get_tensor(f"bias.{level}") if f"bias.{level}" in names else None
+        return self._biases[key]
+
     def weights_for(self, levels: dict[str, list[int]]) -> dict:
-        """`levels[module][layer]` -> {(layer, module): (kept units, weight)} for `materialize`."""
-        return {(layer, module): self.level_weight(layer, module, lv)
+        """`levels[module][layer]` -> {(layer, module): (kept units, weight, bias or None)} for `materialize`."""
+        return {(layer, module): (*self.level_weight(layer, module, lv), self.level_bias(layer, module, lv))
                 for module in MODULE_TYPES for layer, lv in enumerate(levels[module])}
+
+    def unit_scores(self, layer: int, module: str) -> torch.Tensor:
+        """The scores a scored database (magnitude, wanda_sp, flap) ranked the module's units by, one per
+        database unit (`per_unit` query heads or neurons); higher is more important."""
+        with safe_open(str(self._verify(layer, module)), framework="pt") as f:
+            if "score" not in set(f.keys()):
+                raise DatabaseError(f"the {self.method} database at '{self.path}' stores no unit scores")
+            return f.get_tensor("score")
+
+    @property
+    def method(self) -> str:
+        """How the units were chosen: obs, magnitude, wanda_sp or flap."""
+        return self.manifest.get("method", "obs")
 
     def kept_count(self, module: str, level: int) -> int:
         return self.manifest["kept_units"][module][level]

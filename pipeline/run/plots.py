@@ -1,7 +1,8 @@
-"""Figures for MLflow and the README: search progress and per-layer structure."""
+"""Figures for MLflow and the README: search progress, per-layer structure, the baseline panel."""
 from __future__ import annotations
 
 import matplotlib
+import matplotlib.ticker
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -46,15 +47,38 @@ def training_curve(losses: list[float], title: str):
     return fig
 
 
-def obs_losses(losses: dict[str, list[list[float]]]):
-    """OBS reconstruction loss per level, one line per layer, for attention and MLP."""
+def obs_losses(losses: dict[str, list[list[float]]], method: str = "obs"):
+    """OBS reconstruction loss per level (for another `database.method`: the removed units' summed
+    score), one line per layer, for attention and MLP."""
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
     for ax, (module, per_layer) in zip(axes, losses.items()):
         for i, curve in enumerate(per_layer):
             ax.plot(range(len(curve)), [max(v, 1e-12) for v in curve], label=f"layer {i}")
         ax.set_yscale("log")
         ax.set_xlabel("level")
-        ax.set_title(f"{module}: OBS loss")
+        ax.set_title(f"{module}: " + ("OBS loss" if method == "obs" else f"{method} score removed"))
     axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def baseline_panel(rows: list[dict]):
+    """One-shot perplexity and KL to dense of every method of the panel (rows with `method`,
+    `ppl_oneshot`, `kl`), as horizontal bars; the searched model's bars stand out."""
+    fig, axes = plt.subplots(1, 2, figsize=(9, 0.5 * len(rows) + 1.5))
+    names = [r["method"] for r in rows]
+    colors = ["tab:orange" if n == "searched" else "tab:blue" for n in names]
+    for ax, key, title in ((axes[0], "ppl_oneshot", "one-shot perplexity (eval)"),
+                           (axes[1], "kl", "KL to dense per token (fitness set)")):
+        values = [r[key] for r in rows]
+        ax.barh(names, values, color=colors)
+        ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        for y, v in enumerate(values):
+            ax.annotate(f"{v:.3g}", (v, y), xytext=(3, 0), textcoords="offset points", va="center", fontsize=8)
+        ax.margins(x=0.15)
+        ax.set_title(title)
+        ax.invert_yaxis()
+    axes[1].set_yticklabels([])
     fig.tight_layout()
     return fig

@@ -204,6 +204,15 @@ def log_dict(d: Mapping, name: str) -> None:
         mlflow.log_dict(json.loads(json.dumps(d, default=str)), name + ("" if Path(name).suffix else ".json"))
 
 
+def log_table(rows: list[dict], name: str) -> None:
+    """Rows of a table (one dict per row, same keys) as an MLflow table artifact (``.json`` appended if no
+    suffix), shown as a table in the run's artifacts and comparable across runs."""
+    if _active() and rows:
+        columns = list(dict.fromkeys(key for row in rows for key in row))  # every row's keys, in order of appearance
+        mlflow.log_table({c: [row.get(c) for row in rows] for c in columns},
+                         artifact_file=name + ("" if Path(name).suffix else ".json"))
+
+
 def set_tags(d: Mapping) -> None:
     if _active() and d:
         mlflow.set_tags({_key(str(k)): str(v) for k, v in d.items()})

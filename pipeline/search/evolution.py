@@ -42,6 +42,13 @@ def uniform_levels(target: float, levels: int, num_layers: int) -> Levels:
     return {m: list(per_layer) for m in MODULE_TYPES}
 
 
+def depth_levels(target: float, levels: int, num_layers: int) -> Levels:
+    """The start of a depth search (`search.space: depth`): round(target*L) modules of each type removed
+    whole (level K), at evenly spaced layers, the others dense (level 0)."""
+    removed = [levels * whole for whole in spread(round(target * num_layers), num_layers)]
+    return {m: list(removed) for m in MODULE_TYPES}
+
+
 def spread(total: int, num_layers: int) -> list[int]:
     """`total` levels over the layers as evenly as possible, the extra ones on evenly spaced layers."""
     base, extra = divmod(total, num_layers)
@@ -70,22 +77,24 @@ def uniform_at_size(db: Database, target: float, tolerance: float, table: dict |
     return {"attn": spread(attn, layers), "mlp": spread(mlp, layers)}
 
 
-def mutate(parent: Levels, max_level: int, rng: random.Random, max_switches: int, across_types: bool = False) -> Levels:
-    """Level switch, n = min(U{1..m}, U{1..m}) times: lower one module's level by one and raise
-    another's by one, within 0..K. Within one module type (level sums fixed) unless `across_types`
-    (the parameter budget then decides what is acceptable)."""
+def mutate(parent: Levels, max_level: int, rng: random.Random, max_switches: int, across_types: bool = False,
+           step: int = 1) -> Levels:
+    """Level switch, n = min(U{1..m}, U{1..m}) times: lower one module's level by `step` and raise
+    another's by `step`, within 0..K. Within one module type (level sums fixed) unless `across_types`
+    (the parameter budget then decides what is acceptable). With step K (EvoPress's depth search) a
+    switch brings one removed module back and removes another: levels stay 0 or K."""
     child = {m: list(v) for m, v in parent.items()}
     for _ in range(switch_count(rng, max_switches)):
         modules = MODULE_TYPES if across_types else (rng.choice(MODULE_TYPES),)
         slots = [(m, i) for m in modules for i in range(len(child[m]))]
-        lower = [(m, i) for m, i in slots if child[m][i] > 0]
-        raise_ = [(m, i) for m, i in slots if child[m][i] < max_level]
+        lower = [(m, i) for m, i in slots if child[m][i] >= step]
+        raise_ = [(m, i) for m, i in slots if child[m][i] <= max_level - step]
         pairs = [(a, b) for a in lower for b in raise_ if a != b]
         if not pairs:
             continue
         (ma, a), (mb, b) = rng.choice(pairs)
-        child[ma][a] -= 1
-        child[mb][b] += 1
+        child[ma][a] -= step
+        child[mb][b] += step
     return child
 
 
@@ -95,11 +104,12 @@ def switch_count(rng: random.Random, max_switches: int) -> int:
 
 
 def offspring(parent: Levels, count: int, max_level: int, rng: random.Random, max_switches: int,
-              across_types: bool = False, accept: Callable[[Levels], bool] | None = None) -> list[Levels]:
+              across_types: bool = False, accept: Callable[[Levels], bool] | None = None,
+              step: int = 1) -> list[Levels]:
     """`count` distinct acceptable children, none equal to the parent (fewer if the space is too small)."""
     children, seen = [], {_key(parent)}
     for _ in range(count * 50):
-        child = mutate(parent, max_level, rng, max_switches, across_types)
+        child = mutate(parent, max_level, rng, max_switches, across_types, step)
         if _key(child) not in seen and (accept is None or accept(child)):
             seen.add(_key(child))
             children.append(child)
@@ -157,6 +167,11 @@ class LevelSwapper:
         proj = output_projection(self.model, layer, module)
         cols = unit_indices(units, self.db.structure.unit_size(module))
         proj.weight.copy_(masked_weight(proj.weight.shape, cols, weight.to(proj.weight.dtype)))
+        bias = self.db.level_bias(layer, module, level)  # FLAP's compensation: the dense model gains a bias
+        if bias is not None:
+            if proj.bias is None:
+                proj.bias = torch.nn.Parameter(torch.zeros_like(proj.weight[:, 0]))
+            proj.bias.copy_(bias)
         self.swaps += 1
 
 
@@ -211,7 +226,8 @@ def evolve(swapper: LevelSwapper, start: Levels, p: SearchParams, fitness_set: t
     max_level = swapper.db.levels
     while state.generation < p.generations:
         children = offspring(state.parent, p.offspring, max_level, state.rng, p.max_level_switches,
-                             across_types=p.budget == "params", accept=accept)
+                             across_types=p.budget == "params", accept=accept,
+                             step=max_level if p.space == "depth" else 1)
         if not children:
             raise ConfigError(f"search: no offspring of {state.parent} lies within the budget ({p.budget}); "
                               "every module sits at level 0 or K, or search.budget_tolerance is too tight: "
