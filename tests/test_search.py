@@ -203,6 +203,7 @@ def test_uniform_at_size_removes_the_target_share_of_parameters(setup):
         assert abs(removed - target) <= min(0.05, abs(by_level_sums - target))
         for m in levels:
             assert max(levels[m]) - min(levels[m]) <= 1  # still uniform within each module type
+        assert abs(sum(levels["attn"]) - sum(levels["mlp"])) <= 3  # and across types: within a level per layer
 
 
 def test_a_diverged_candidate_sorts_last():

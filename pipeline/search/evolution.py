@@ -60,9 +60,10 @@ def uniform_at_size(db: Database, target: float, tolerance: float, table: dict |
 
     Level steps remove unequal parameter counts (a key/value head goes only with its last query head),
     so level sums alone miss the size (the demo's "50%" removed 46.9%). Each type's levels are spread
-    evenly (`spread`); of the level-sum pairs whose size lies within `tolerance` (a fraction of the dense
-    attention+MLP parameters) of the target, the one closest to removing equal shares of both types is
-    taken, ties to the closest size; if none lies within, the closest size."""
+    evenly (`spread`), and the two types' level sums differ by at most one level per layer, so that both
+    remove about the same share of their units. Of those pairs, the ones whose size lies within `tolerance`
+    (a fraction of the dense attention+MLP parameters) of the target come first, closest to equal shares
+    first; if none lies within, the closest size."""
     table = table or params_table(db)
     layers, top = db.structure.num_layers, db.levels * db.structure.num_layers
     dense = db.structure.dense_prunable_params
@@ -73,7 +74,8 @@ def uniform_at_size(db: Database, target: float, tolerance: float, table: dict |
     def rank(pair):
         off = abs(sizes["attn"][pair[0]] + sizes["mlp"][pair[1]] - goal)
         return (off > slack, abs(pair[0] - pair[1]) if off <= slack else 0, off)
-    attn, mlp = min(((a, m) for a in range(top + 1) for m in range(top + 1)), key=rank)
+    pairs = [(a, m) for a in range(top + 1) for m in range(top + 1) if abs(a - m) <= layers]
+    attn, mlp = min(pairs, key=rank)
     return {"attn": spread(attn, layers), "mlp": spread(mlp, layers)}
 
 
