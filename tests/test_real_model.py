@@ -99,3 +99,49 @@ def test_the_baseline_panel_on_real_weights(built, tmp_path):
         ppl[name] = perplexity(materialize(model, db.structure, dbs[method].weights_for(levels)), evals, 16)
     assert all(1 < v < 1e4 for v in ppl.values()), ppl
     assert ppl["uniform_magnitude"] > 3 * ppl["uniform"], ppl
+
+
+SMOLLM2 = SHARED_DATA / "smollm2-135m" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+WIKITEXT = SHARED_DATA / "wikitext2" / "valid.txt"
+
+
+@pytest.mark.skipif(not SMOLLM2.is_file() or not WIKITEXT.is_file(),
+                    reason="../shared/data/smollm2-135m or wikitext2 is absent")
+def test_smollm2_first_layers_from_gguf(tmp_path):
+    """Real weights of a modern GQA model (9 query / 3 key-value heads, head_dim 64), loaded from its GGUF
+    file the ordinary transformers way and cut to its first 3 layers: level 0 reproduces the dense model and
+    OBS beats magnitude pruning of the same units by a wide margin on held-out text."""
+    model, tokenizer = load_dense(str(SMOLLM2))
+    model.model.layers = model.model.layers[:3]
+    model.config.num_hidden_layers = 3
+    model.config.layer_types = model.config.layer_types[:3] if getattr(model.config, "layer_types", None) else None
+    p = shipped("data", train=str(WIKITEXT), eval=str(WIKITEXT), seq_len=128, calib_tokens=8192,
+                fitness_tokens=1024, train_tokens=1024, eval_tokens=4096)
+    stream = token_stream(read_documents(p.train), tokenizer)
+    sets = split_train_sets(stream, p)
+    calib, held_out = sets["calib"], sets["train"]  # disjoint windows of the same text
+    structure = structure_of(model)
+    assert (structure.num_heads, structure.num_kv_heads, structure.head_dim) == (9, 3, 64)
+    build_database(model, structure, calib, levels=4, damp=0.01, out_dir=tmp_path, identity={}, batch_size=16,
+                   mlp_unit=32)
+    db = Database(tmp_path)
+    dense = {m: [0] * 3 for m in (ATTN, MLP)}
+    level0 = materialize(model, structure, db.weights_for(dense))
+    with torch.no_grad():
+        torch.testing.assert_close(level0(held_out[:2]).logits, model(held_out[:2]).logits, rtol=1e-4, atol=1e-4)
+    teacher = teacher_targets(model, held_out, 4, "kl")
+    half = {m: [2] * 3 for m in (ATTN, MLP)}
+    obs = fitness(materialize(model, structure, db.weights_for(half)), held_out, teacher, 4)
+    magnitude = {}
+    for module in (ATTN, MLP):  # the same number of units, chosen by column norm, no correction
+        per_unit = 1 if module == ATTN else 32  # heads, or blocks of 32 neurons
+        for layer in range(3):
+            w = output_projection(model, layer, module).weight.detach()
+            block = structure.unit_size(module) * per_unit  # columns per unit
+            members = db.level_weight(layer, module, 2)[0]  # kept heads / neurons of OBS at that level
+            norms = w.reshape(w.shape[0], -1, block).norm(dim=(0, 2))
+            kept = norms.argsort(descending=True)[: len(members) // per_unit].sort().values
+            cols = (kept[:, None] * block + torch.arange(block)).reshape(-1)
+            magnitude[(layer, module)] = (kept if module == ATTN else cols, w[:, cols])
+    mag = fitness(materialize(model, structure, magnitude), held_out, teacher, 4)
+    assert obs < mag / 2, (obs, mag)
