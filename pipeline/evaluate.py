@@ -94,6 +94,29 @@ def measure_speed(model, *, batch_size: int = 1, prompt_len: int = 128, decode_t
     }
 
 
+def llama_cpp_model(path: str | Path, **kwargs):
+    """A llama-cpp-python `Llama` for a GGUF file (`kwargs` as `Llama` takes them), with weight repacking
+    into extra buffer types off (llama-cli / llama-server: `--no-repack`): on CPUs with AMX_INT8 llama.cpp
+    repacks quantized weights for its AMX kernel, whose matmul segfaults on some machines (llama.cpp#20824;
+    here with every q8_0 file, the original SmolLM2 Q4_1 included), and `Llama` has no parameter for it,
+    so its default model params are swapped for the duration of the load."""
+    import llama_cpp
+    import llama_cpp.llama_cpp as raw
+
+    defaults = raw.llama_model_default_params
+
+    def without_repacking():
+        params = defaults()
+        params.use_extra_bufts = False
+        return params
+
+    raw.llama_model_default_params = without_repacking
+    try:
+        return llama_cpp.Llama(model_path=str(path), verbose=kwargs.pop("verbose", False), **kwargs)
+    finally:
+        raw.llama_model_default_params = defaults
+
+
 def run_lm_eval(model: str | Path, tasks: list[str], include_path: str | None = None, limit: int | None = None,
                 batch_size: int = 8, device: str = "cpu", dtype: str = "float32") -> dict[str, dict[str, float]]:
     """{task: {metric: value}} for one model folder or hub id, loaded the ordinary Hugging Face way

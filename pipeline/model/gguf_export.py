@@ -25,6 +25,7 @@ q4_k_m through llama.cpp's own quantizer (`llama_model_quantize` of llama-cpp-py
 """
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 from collections.abc import Iterator
@@ -432,7 +433,7 @@ def _quantized_by_llama_cpp(model, tokenizer, path: Path, gguf_type: str, name: 
         report = write_gguf(model, tokenizer, source, "f16", name)
         params = llama_cpp.llama_model_quantize_default_params()
         params.ftype = getattr(llama_cpp, LLAMA_CPP_TYPES[gguf_type])
-        status = llama_cpp.llama_model_quantize(os.fsencode(source), os.fsencode(path), params)
+        status = llama_cpp.llama_model_quantize(os.fsencode(source), os.fsencode(path), ctypes.byref(params))
         if status != 0:
             raise RuntimeError(f"llama.cpp's quantizer failed ({status}) making {path} from {source}")
     finally:
