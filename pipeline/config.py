@@ -29,6 +29,11 @@ from pipeline.errors import ConfigError
 
 Fitness = Literal["kl", "topk_kl", "ppl"]
 FITNESS_KINDS = typing.get_args(Fitness)
+# GGUF types written by the `gguf` package, and those made by llama.cpp's quantizer (llama-cpp-python).
+GgufWritten = Literal["f32", "f16", "q8_0"]
+GgufByLlamaCpp = Literal["q4_0", "q4_k_m", "q5_k_m", "q6_k"]
+GGUF_WRITTEN, GGUF_BY_LLAMA_CPP = typing.get_args(GgufWritten), typing.get_args(GgufByLlamaCpp)
+GgufType = Literal[GgufWritten, GgufByLlamaCpp]
 
 
 def _number(value):  # YAML 1.1 reads "1e-5" (no dot) as a string
@@ -204,6 +209,17 @@ class EvaluateParams(Section):
     lm_eval_limit: Pos | None = None  # documents per task (None = all)
 
 
+def _distinct(values: list) -> list:
+    if len(set(values)) != len(values):
+        raise ValueError(f"lists {values} with repeats: give each once")
+    return values
+
+
+class ExportParams(Section):
+    # GGUF files for llama.cpp written for dense, searched and uniform: models/gguf/<model>-<type>.gguf
+    gguf_types: Annotated[list[GgufType], _given("GGUF types, e.g. [f16, q8_0]"), AfterValidator(_distinct)]
+
+
 class TrackingParams(Section):
     enabled: bool
     experiment: Annotated[str, _given("an MLflow experiment name")]
@@ -227,6 +243,7 @@ class Params(Section):
     search: SearchParams
     finetune: FinetuneParams
     evaluate: EvaluateParams
+    export: ExportParams
     tracking: TrackingParams
     compute: ComputeParams
 

@@ -13,7 +13,8 @@ from pipeline.run.plots import layer_structure
 from pipeline.run.resources import gib
 from pipeline.run.stage import run_stage
 
-UPSTREAM = ("base", "calibration", "database", "uniform", "search", "finetune@searched", "finetune@uniform")
+UPSTREAM = ("base", "calibration", "database", "uniform", "search", "finetune@searched", "finetune@uniform",
+            "export")
 
 
 def main(params, say, group):
@@ -102,5 +103,5 @@ def _speeds(p, models: dict, say) -> dict:
 
 
 if __name__ == "__main__":
-    all_sections = ("model", "demo", "data", "database", "search", "finetune", "evaluate", "tracking")
+    all_sections = ("model", "demo", "data", "database", "search", "finetune", "evaluate", "export", "tracking")
     run_stage("evaluate", all_sections, main, close_pipeline=True)

@@ -10,9 +10,17 @@ import pytest
 import torch
 from helpers import SHARED_DATA, byte_level_tokenizer, pruned_by_slicing, tiny_family, tiny_llama
 
+from pipeline.config import GGUF_BY_LLAMA_CPP, GGUF_WRITTEN
 from pipeline.errors import ExportError
 from pipeline.evaluate import llama_cpp_model
-from pipeline.model.gguf_export import deci_layers, interleave_rope_rows, query_slots, write_gguf
+from pipeline.model.gguf_export import (
+    LLAMA_CPP_TYPES,
+    WRITTEN_TYPES,
+    deci_layers,
+    interleave_rope_rows,
+    query_slots,
+    write_gguf,
+)
 
 try:
     import llama_cpp
@@ -109,6 +117,10 @@ def test_hard_cases_become_what_deci_expresses():
     assert [la.padded_heads for la in layers] == [1, 2, 0, 0, 0, 0]
     assert [la.feed_forward_length for la in layers] == [64, 32, 1, 1, 64, 1]
     assert all(la.kv_heads > 0 for la in layers if la.head_count > 0)  # never Nemotron's linear attention
+
+
+def test_every_type_params_accept_has_a_writer():
+    assert set(WRITTEN_TYPES) == set(GGUF_WRITTEN) and set(LLAMA_CPP_TYPES) == set(GGUF_BY_LLAMA_CPP)
 
 
 def test_refuses_qwen3_before_writing(tmp_path):

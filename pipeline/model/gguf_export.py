@@ -39,6 +39,7 @@ import torch
 from pipeline.errors import ExportError
 
 ARCH = "deci"
+# The types (names as params.yaml gives them, `pipeline.config.GGUF_WRITTEN` / `GGUF_BY_LLAMA_CPP`).
 WRITTEN_TYPES = {"f32": gguf.GGMLQuantizationType.F32, "f16": gguf.GGMLQuantizationType.F16,
                  "q8_0": gguf.GGMLQuantizationType.Q8_0}
 FILE_TYPES = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,

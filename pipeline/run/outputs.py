@@ -25,6 +25,7 @@ DATABASE_WORK = Path(".darwinlm/database")
 FINETUNE_WORK = Path(".darwinlm/finetune")
 BASE_WORK = Path(".darwinlm/base")
 MODELS = {"searched": Path("models/pruned"), "uniform": Path("models/uniform")}
+GGUF = Path("models/gguf")  # llama.cpp files: <dense|searched|uniform>-<type>.gguf
 METRICS = Path("metrics")
 PLOTS = Path("plots")
 
