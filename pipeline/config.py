@@ -204,6 +204,7 @@ class EvaluateParams(Section):
     speed_decode_tokens: Pos
     speed_batch_size: Pos
     speed_repeats: Pos
+    speed_gguf_type: GgufType | None  # also measure the GGUF files of this type in llama.cpp (null: do not)
     lm_eval_tasks: list[str]  # lm-evaluation-harness tasks, e.g. [sciq, piqa]
     lm_eval_include_path: str | None = None  # a folder of local task YAMLs (data may be local files)
     lm_eval_limit: Pos | None = None  # documents per task (None = all)
@@ -259,6 +260,11 @@ class Params(Section):
                 if asked > available:
                     raise ConfigError(f"search.schedule[{i}].{kind}_tokens ({asked}) exceeds data.{kind}_tokens "
                                       f"({available}), the {kind} set it draws from")
+        gguf_type = self.evaluate.speed_gguf_type
+        if gguf_type is not None and gguf_type not in self.export.gguf_types:
+            raise ConfigError(f"evaluate.speed_gguf_type is '{gguf_type}' but export.gguf_types "
+                              f"({', '.join(self.export.gguf_types)}) does not export it: add it there or pick one "
+                              "of those")
         if self.finetune.batch_size % self.compute.nproc:
             raise ConfigError(f"finetune.batch_size ({self.finetune.batch_size}) must be divisible by compute.nproc "
                               f"({self.compute.nproc}): each process trains on an equal share of every batch")

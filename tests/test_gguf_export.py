@@ -12,7 +12,7 @@ from helpers import SHARED_DATA, byte_level_tokenizer, pruned_by_slicing, tiny_f
 
 from pipeline.config import GGUF_BY_LLAMA_CPP, GGUF_WRITTEN
 from pipeline.errors import ExportError
-from pipeline.evaluate import llama_cpp_model
+from pipeline.evaluate import clearly_faster, llama_cpp_model, llama_cpp_speed, spread
 from pipeline.model.gguf_export import (
     LLAMA_CPP_TYPES,
     WRITTEN_TYPES,
@@ -24,10 +24,10 @@ from pipeline.model.gguf_export import (
 
 try:
     import llama_cpp
-except ImportError:  # built from source at install (requirements-dev.txt); the rest still runs
+except ImportError:  # built from source at install (requirements.txt); the rest still runs
     llama_cpp = None
 needs_llama_cpp = pytest.mark.skipif(
-    llama_cpp is None, reason="llama-cpp-python is not installed (requirements-dev.txt): GGUF files not run in llama.cpp")
+    llama_cpp is None, reason="llama-cpp-python is not installed (requirements.txt): GGUF files not run in llama.cpp")
 STORIES = SHARED_DATA / "stories260K"
 SMOLLM2 = SHARED_DATA / "smollm2-135m"
 needs_stories = pytest.mark.skipif(not (STORIES / "model.safetensors").is_file(),
@@ -282,3 +282,25 @@ def test_q8_0_perplexity_within_one_percent_of_f16(tmp_path, stories):
         ppl[gguf_type] = llama_cpp_perplexity(tmp_path / f"s-{gguf_type}.gguf", tokens)
     assert abs(ppl["q8_0"] / ppl["f16"] - 1) < 0.01, ppl
     assert abs(ppl["q4_k_m"] / ppl["f16"] - 1) < 0.1, ppl
+
+
+def test_spread_and_when_a_speed_ratio_means_something():
+    assert spread([1.0, 2.0, 4.0]) == 1.5
+    assert clearly_faster([1.0, 1.1], [1.2, 1.5])
+    assert not clearly_faster([1.0, 1.3], [1.2, 1.5])  # ranges overlap: noise could explain the ratio
+
+
+@needs_llama_cpp
+def test_llama_cpp_speed_runs_every_model_each_round(tmp_path):
+    """Runs, not timing: the figures exist for every model, from `repeats` rounds after warm-up."""
+    paths = {}
+    for name, heads in (("dense", HARD_HEADS[4]), ("pruned", HARD_HEADS[1])):
+        model = pruned_by_slicing(tiny_family("llama", layers=2, heads=8, kv_heads=2, hidden=64, intermediate=64,
+                                              vocab=320), [heads, heads], [64, 32])
+        write_gguf(model, byte_level_tokenizer(), tmp_path / f"{name}.gguf", "q8_0")
+        paths[name] = tmp_path / f"{name}.gguf"
+    speed = llama_cpp_speed(paths, prompt_len=8, decode_tokens=2, repeats=2, warmup=1, threads=1)
+    assert set(speed) == {"dense", "pruned"}
+    for figures in speed.values():
+        assert len(figures["prefill_times"]) == len(figures["decode_times"]) == 2
+        assert figures["prefill_tokens_per_s"] > 0 and figures["decode_ms_per_token"] > 0

@@ -24,7 +24,8 @@ TINY = {
     "evaluate": dict(speed_prompt_len=16, speed_decode_tokens=4, speed_repeats=2),
     "tracking": dict(experiment="e2e"),
 }
-STAGES = ["base", "calibration", "database", "uniform", "search", "finetune@searched", "finetune@uniform", "evaluate"]
+STAGES = ["base", "calibration", "database", "uniform", "search", "finetune@searched", "finetune@uniform", "export",
+          "evaluate"]
 
 
 def _env():

@@ -428,7 +428,7 @@ def _quantized_by_llama_cpp(model, tokenizer, path: Path, gguf_type: str, name: 
         import llama_cpp
     except ImportError as error:
         raise ExportError(f"GGUF type '{gguf_type}' is made by llama.cpp's quantizer: install llama-cpp-python "
-                          f"(requirements-dev.txt), or use f32, f16 or q8_0") from error
+                          f"(requirements.txt), or use f32, f16 or q8_0") from error
     source = path.with_name(f".{path.name}.f16")
     try:
         report = write_gguf(model, tokenizer, source, "f16", name)
