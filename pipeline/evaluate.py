@@ -135,13 +135,14 @@ def llama_cpp_speed(paths: dict[str, str | Path], *, prompt_len: int = 128, deco
     so a change of the machine's load falls on all alike. Medians of `repeats` rounds after `warmup`,
     with each figure's spread; `*_times` keep the raw seconds for `clearly_faster`."""
     threads = threads or torch.get_num_threads()
-    vocab_limit = 256  # any ids below every vocabulary size: speed does not depend on which tokens
-    gen = torch.Generator().manual_seed(0)
-    prompt = torch.randint(0, vocab_limit, (prompt_len,), generator=gen).tolist()
-    generated = torch.randint(0, vocab_limit, (decode_tokens,), generator=gen).tolist()
     models = {name: llama_cpp_model(path, n_ctx=prompt_len + decode_tokens, n_batch=prompt_len, n_ubatch=prompt_len,
                                     n_threads=threads, n_threads_batch=threads, flash_attn=True)
               for name, path in paths.items()}
+    # The same random ids for every model (speed does not depend on which tokens), valid in every vocabulary.
+    vocab = min(llm.n_vocab() for llm in models.values())
+    gen = torch.Generator().manual_seed(0)
+    prompt = torch.randint(0, vocab, (prompt_len,), generator=gen).tolist()
+    generated = torch.randint(0, vocab, (decode_tokens,), generator=gen).tolist()
     times = {name: {"prefill": [], "decode": []} for name in models}
     try:
         for i in range(warmup + repeats):

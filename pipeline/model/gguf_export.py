@@ -236,6 +236,7 @@ class GgufVocab:
     merges: list[str] | None
     special_ids: dict[str, int]
     add_bos: bool
+    add_space_prefix: bool = False  # SentencePiece: "▁" before the text, as Metaspace's prepend_scheme says
 
 
 def _token_types(tokens: list[str], specials: set[int], added: set[int], unk: int | None,
@@ -311,7 +312,9 @@ def gguf_vocab(tokenizer, vocab_size: int) -> GgufVocab:
                                                       else -1e9) for i, t in enumerate(tokens)]
         types = _token_types(tokens, specials, added - specials, unk, byte_pieces=True)
         types = [int(gguf.TokenType.UNUSED) if i in unused else t for i, t in enumerate(types)]
-        return GgufVocab("llama", None, tokens, types, scores, None, special_ids, add_bos)
+        metaspace = (pre or {}).get("type") == "Metaspace"
+        prefix = pre.get("prepend_scheme", "always") != "never" if metaspace else True  # legacy: normalizer prepends
+        return GgufVocab("llama", None, tokens, types, scores, None, special_ids, add_bos, prefix)
     if spec.get("normalizer") is not None:
         raise ExportError(f"byte-level BPE tokenizer with normalizer {json.dumps(spec['normalizer'])}: llama.cpp "
                           "does not normalise byte-level BPE input")
@@ -334,6 +337,8 @@ def _write_vocab(writer: gguf.GGUFWriter, vocab: GgufVocab) -> None:
         getattr(writer, f"add_{name}_token_id")(token_id)
     writer.add_add_bos_token(vocab.add_bos)
     writer.add_add_eos_token(False)
+    if vocab.model == "llama":
+        writer.add_add_space_prefix(vocab.add_space_prefix)
 
 
 # --- the file ---------------------------------------------------------------------------------
