@@ -33,6 +33,11 @@ FITNESS_KINDS = typing.get_args(Fitness)
 DatabaseMethod = Literal["obs", "magnitude", "wanda_sp", "flap"]
 # the neighbouring methods every run can report at the searched model's size (pipeline/search/baselines.py)
 Baseline = Literal["uniform_magnitude", "wanda_sp", "flap", "cfsp", "shortgpt"]
+# GGUF types written by the `gguf` package, and those made by llama.cpp's quantizer (llama-cpp-python).
+GgufWritten = Literal["f32", "f16", "q8_0"]
+GgufByLlamaCpp = Literal["q4_0", "q4_k_m", "q5_k_m", "q6_k"]
+GGUF_WRITTEN, GGUF_BY_LLAMA_CPP = typing.get_args(GgufWritten), typing.get_args(GgufByLlamaCpp)
+GgufType = Literal[GgufWritten, GgufByLlamaCpp]
 
 
 def _number(value):  # YAML 1.1 reads "1e-5" (no dot) as a string
@@ -206,6 +211,7 @@ class EvaluateParams(Section):
     speed_decode_tokens: Pos
     speed_batch_size: Pos
     speed_repeats: Pos
+    speed_gguf_type: GgufType | None  # also measure the GGUF files of this type in llama.cpp (null: do not)
     lm_eval_tasks: list[str]  # lm-evaluation-harness tasks, e.g. [sciq, piqa]
     lm_eval_include_path: str | None = None  # a folder of local task YAMLs (data may be local files)
     lm_eval_limit: Pos | None = None  # documents per task (None = all)
@@ -225,6 +231,17 @@ class EvaluateParams(Section):
             raise ConfigError(f"evaluate.finetune_baselines lists {', '.join(missing)}, which evaluate.baselines "
                               f"does not build ({', '.join(self.baselines) or 'none'}): add them there")
         return self
+
+
+def _distinct(values: list) -> list:
+    if len(set(values)) != len(values):
+        raise ValueError(f"lists {values} with repeats: give each once")
+    return values
+
+
+class ExportParams(Section):
+    # GGUF files for llama.cpp written for dense, searched and uniform: models/gguf/<model>-<type>.gguf
+    gguf_types: Annotated[list[GgufType], _given("GGUF types, e.g. [f16, q8_0]"), AfterValidator(_distinct)]
 
 
 class TrackingParams(Section):
@@ -251,6 +268,7 @@ class Params(Section):
     search: SearchParams
     finetune: FinetuneParams
     evaluate: EvaluateParams
+    export: ExportParams
     tracking: TrackingParams
     compute: ComputeParams
 
@@ -266,6 +284,11 @@ class Params(Section):
                 if asked > available:
                     raise ConfigError(f"search.schedule[{i}].{kind}_tokens ({asked}) exceeds data.{kind}_tokens "
                                       f"({available}), the {kind} set it draws from")
+        gguf_type = self.evaluate.speed_gguf_type
+        if gguf_type is not None and gguf_type not in self.export.gguf_types:
+            raise ConfigError(f"evaluate.speed_gguf_type is '{gguf_type}' but export.gguf_types "
+                              f"({', '.join(self.export.gguf_types)}) does not export it: add it there or pick one "
+                              "of those")
         if self.finetune.batch_size % self.compute.nproc:
             raise ConfigError(f"finetune.batch_size ({self.finetune.batch_size}) must be divisible by compute.nproc "
                               f"({self.compute.nproc}): each process trains on an equal share of every batch")

@@ -24,3 +24,7 @@ class DatabaseError(UserError, ValueError):
 
 class ResourceError(UserError, RuntimeError):
     """Not enough disk (or memory) for what the params ask."""
+
+
+class ExportError(UserError, ValueError):
+    """A model or tokenizer that an export format cannot hold exactly."""

@@ -94,6 +94,81 @@ def measure_speed(model, *, batch_size: int = 1, prompt_len: int = 128, decode_t
     }
 
 
+def llama_cpp_model(path: str | Path, **kwargs):
+    """A llama-cpp-python `Llama` for a GGUF file (`kwargs` as `Llama` takes them), with weight repacking
+    into extra buffer types off (llama-cli / llama-server: `--no-repack`): on CPUs with AMX_INT8 llama.cpp
+    repacks quantized weights for its AMX kernel, whose matmul segfaults on some machines (llama.cpp#20824;
+    here with every q8_0 file, the original SmolLM2 Q4_1 included), and `Llama` has no parameter for it,
+    so its default model params are swapped for the duration of the load."""
+    import llama_cpp
+    import llama_cpp.llama_cpp as raw
+
+    defaults = raw.llama_model_default_params
+
+    def without_repacking():
+        params = defaults()
+        params.use_extra_bufts = False
+        return params
+
+    raw.llama_model_default_params = without_repacking
+    try:
+        return llama_cpp.Llama(model_path=str(path), verbose=kwargs.pop("verbose", False), **kwargs)
+    finally:
+        raw.llama_model_default_params = defaults
+
+
+def spread(samples: list[float]) -> float:
+    """(max - min) / median: how far apart repeated measurements of one figure are."""
+    return (max(samples) - min(samples)) / statistics.median(samples)
+
+
+def clearly_faster(fast: list[float], slow: list[float]) -> bool:
+    """Every run of `fast` beat every run of `slow` (times: lower is faster); when the two ranges overlap,
+    a ratio of their medians says nothing the machine's noise could not have made."""
+    return max(fast) < min(slow)
+
+
+def llama_cpp_speed(paths: dict[str, str | Path], *, prompt_len: int = 128, decode_tokens: int = 32,
+                    repeats: int = 5, warmup: int = 2, threads: int | None = None) -> dict:
+    """Prefill tokens/s and decode ms/token of GGUF files in llama.cpp (flash attention on, f16 KV cache,
+    the same threads for all), measured interleaved: round after round, each model once (A B C A B C ...),
+    so a change of the machine's load falls on all alike. Medians of `repeats` rounds after `warmup`,
+    with each figure's spread; `*_times` keep the raw seconds for `clearly_faster`."""
+    threads = threads or torch.get_num_threads()
+    models = {name: llama_cpp_model(path, n_ctx=prompt_len + decode_tokens, n_batch=prompt_len, n_ubatch=prompt_len,
+                                    n_threads=threads, n_threads_batch=threads, flash_attn=True)
+              for name, path in paths.items()}
+    # The same random ids for every model (speed does not depend on which tokens), valid in every vocabulary.
+    vocab = min(llm.n_vocab() for llm in models.values())
+    gen = torch.Generator().manual_seed(0)
+    prompt = torch.randint(0, vocab, (prompt_len,), generator=gen).tolist()
+    generated = torch.randint(0, vocab, (decode_tokens,), generator=gen).tolist()
+    times = {name: {"prefill": [], "decode": []} for name in models}
+    try:
+        for i in range(warmup + repeats):
+            for name, llm in models.items():
+                llm.reset()
+                start = time.perf_counter()
+                llm.eval(prompt)
+                prefill_s = time.perf_counter() - start
+                start = time.perf_counter()
+                for token in generated:
+                    llm.eval([token])
+                decode_s = time.perf_counter() - start
+                if i >= warmup:
+                    times[name]["prefill"].append(prefill_s)
+                    times[name]["decode"].append(decode_s / decode_tokens)
+    finally:
+        for llm in models.values():
+            llm.close()
+    return {name: {"prefill_tokens_per_s": prompt_len / statistics.median(t["prefill"]),
+                   "decode_ms_per_token": 1000 * statistics.median(t["decode"]),
+                   "prefill_spread": spread(t["prefill"]), "decode_spread": spread(t["decode"]),
+                   "prefill_times": t["prefill"], "decode_times": t["decode"], "threads": threads,
+                   "prompt_len": prompt_len, "decode_tokens": decode_tokens, "repeats": repeats}
+            for name, t in times.items()}
+
+
 def run_lm_eval(model: str | Path, tasks: list[str], include_path: str | None = None, limit: int | None = None,
                 batch_size: int = 8, device: str = "cpu", dtype: str = "float32",
                 fewshot: dict[str, int] | None = None) -> dict[str, dict[str, float]]:

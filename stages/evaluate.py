@@ -2,19 +2,19 @@
 uniform models (one-shot and finetuned), sizes, and one self-contained MLflow run for comparison."""
 
 from pipeline.data import load_tokens
-from pipeline.evaluate import measure_speed, perplexity, run_lm_eval
+from pipeline.evaluate import clearly_faster, llama_cpp_speed, measure_speed, perplexity, run_lm_eval
 from pipeline.model.export import load_pruned
 from pipeline.model.materialize import materialize
 from pipeline.model.structure import count_params, dense_source
 from pipeline.pruning.database import open_with_dense_model
 from pipeline.run import tracking
-from pipeline.run.outputs import MODELS, levels_path, metrics_path, read_json
+from pipeline.run.outputs import GGUF, MODELS, levels_path, metrics_path, read_json
 from pipeline.run.plots import baseline_panel, layer_structure
 from pipeline.run.resources import gib
 from pipeline.run.stage import run_stage
 
 UPSTREAM = ("base", "calibration", "database", "uniform", "search", "finetune@searched", "finetune@uniform",
-            "baselines")
+            "baselines", "export")
 
 
 def main(params, say, group):
@@ -40,6 +40,7 @@ def main(params, say, group):
             f"{sizes[name]:,} parameters")
     speed = _speeds(params.evaluate, {"dense": dense, "searched": finetuned_models["searched"],
                                       "uniform": finetuned_models["uniform"]}, say)
+    engine_speed = _llama_cpp_speeds(params.evaluate, say)
     lm_eval = _lm_eval(params, say, group.device)
     upstream = {stage: read_json(metrics_path(stage)).get("mlflow_run_id") for stage in UPSTREAM}
     tracking.set_tags({f"upstream.{stage.replace('@', '_')}": run_id for stage, run_id in upstream.items() if run_id})
@@ -55,6 +56,7 @@ def main(params, say, group):
                    "ratio": sizes["searched"] / sizes["dense"]},
         "panel": _panel(ppl),
         **speed,
+        **engine_speed,
         **lm_eval,
     }
     panel_rows = [{"method": name, **row} for name, row in metrics["panel"].items()]
@@ -62,7 +64,7 @@ def main(params, say, group):
     if panel_rows:
         tracking.log_figure(baseline_panel(panel_rows), "baselines.png")
     tracking.log_metrics({k: v for k, v in metrics.items() if k in ("ppl", "gain_over_uniform", "params", "speed",
-                                                                     "speedup", "lm_eval", "panel")})
+                                                                     "speedup", "llama_cpp", "lm_eval", "panel")})
     prefix = params.tracking.register_as
     for name in ("searched", "uniform"):  # logged models, with the metrics that describe them
         tracking.log_model(MODELS[name], f"pruned_{name}", register_as=f"{prefix}-{name}" if prefix else None,
@@ -118,6 +120,48 @@ def _speeds(p, models: dict, say) -> dict:
     }
 
 
+def _llama_cpp_speeds(p, say) -> dict:
+    """Speed of the exported GGUF files in llama.cpp, measured interleaved, with the speedups over dense,
+    the speedup the file sizes lead to expect (decode reads every weight once per token), and whether
+    the runs' spread leaves the speedup meaningful."""
+    if not (p.speed and p.speed_gguf_type):
+        return {}
+    paths = {name: GGUF / f"{name}-{p.speed_gguf_type}.gguf" for name in ("dense", "searched", "uniform")}
+    sizes = {name: path.stat().st_size for name, path in paths.items()}
+    for name in ("searched", "uniform"):
+        say(f"llama.cpp {p.speed_gguf_type}: {name} is {sizes[name] / sizes['dense']:.1%} of dense's bytes: "
+            f"expect up to {sizes['dense'] / sizes[name]:.2f}x decode where decode reads the weights from memory")
+    measured = llama_cpp_speed(paths, prompt_len=p.speed_prompt_len, decode_tokens=p.speed_decode_tokens,
+                               repeats=p.speed_repeats)
+    dense = measured["dense"]
+    speedup = {}
+    for name in ("searched", "uniform"):
+        m = measured[name]
+        speedup[name] = {
+            "prefill": m["prefill_tokens_per_s"] / dense["prefill_tokens_per_s"],
+            "decode": dense["decode_ms_per_token"] / m["decode_ms_per_token"],
+            "expected_from_bytes": sizes["dense"] / sizes[name],
+            # 1 when every run of the faster of the two beat every run of the other, 0 when their ranges overlap
+            "prefill_beyond_spread": int(clearly_faster(m["prefill_times"], dense["prefill_times"])
+                                         or clearly_faster(dense["prefill_times"], m["prefill_times"])),
+            "decode_beyond_spread": int(clearly_faster(m["decode_times"], dense["decode_times"])
+                                        or clearly_faster(dense["decode_times"], m["decode_times"]))}
+    for name, m in measured.items():
+        line = (f"llama.cpp {name}: prefill {m['prefill_tokens_per_s']:,.0f} tokens/s (spread "
+                f"{m['prefill_spread']:.0%}), decode {m['decode_ms_per_token']:.2f} ms/token (spread "
+                f"{m['decode_spread']:.0%})")
+        if name in speedup:
+            s = speedup[name]
+            line += (f"; {s['prefill']:.2f}x prefill, {s['decode']:.2f}x decode"
+                     + ("" if s["prefill_beyond_spread"] and s["decode_beyond_spread"] else
+                        " (within the runs' spread: this machine's noise could explain the difference)"))
+        say(line)
+    figures = ("prefill_tokens_per_s", "decode_ms_per_token", "prefill_spread", "decode_spread")
+    return {"llama_cpp": {"type": p.speed_gguf_type, "threads": dense["threads"], "bytes": sizes,
+                          "speed": {name: {k: m[k] for k in figures} for name, m in measured.items()},
+                          "speedup": speedup}}
+
+
 if __name__ == "__main__":
-    all_sections = ("model", "demo", "data", "database", "search", "finetune", "evaluate", "tracking")
+    all_sections = ("model", "demo", "data", "database", "search", "finetune", "evaluate", "export", "tracking")
     run_stage("evaluate", all_sections, main, close_pipeline=True)

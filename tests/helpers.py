@@ -82,3 +82,20 @@ def byte_level_tokenizer(bos="<s>", eos="</s>", vocab=300):
     trained = train_tokenizer(["def f(x):\n    return x + 1\n" * 20, "hello world, some text\n" * 20], vocab)
     return PreTrainedTokenizerFast(tokenizer_object=trained.backend_tokenizer, bos_token=bos, eos_token=eos,
                                    pad_token="<pad>", clean_up_tokenization_spaces=False)
+
+
+def pruned_by_slicing(model, heads: list, neurons: list):
+    """A physically smaller model keeping, per layer, the query heads `heads[i]` and the first
+    `neurons[i]` MLP neurons of the dense `model`, output projections sliced (no OBS correction):
+    the export tests need pruned shapes, not good pruned weights."""
+    from pipeline.model.materialize import materialize
+    from pipeline.model.structure import structure_of, unit_indices
+    structure = structure_of(model)
+    level_weights = {}
+    for i, block in enumerate(model.model.layers):
+        kept_heads = torch.tensor(sorted(heads[i]), dtype=torch.long)
+        columns = unit_indices(kept_heads, structure.head_dim)
+        level_weights[(i, "attn")] = (kept_heads, block.self_attn.o_proj.weight[:, columns])
+        kept_neurons = torch.arange(neurons[i])
+        level_weights[(i, "mlp")] = (kept_neurons, block.mlp.down_proj.weight[:, kept_neurons])
+    return materialize(model, structure, level_weights)

@@ -69,6 +69,11 @@ def test_every_required_key_must_be_given(tmp_path):
     (lambda r: r["data"].update(seq_len=4096), "exceeds the demo model's context"),
     (lambda r: r["compute"].update(threads=0), "compute.threads is 0: must be > 0"),
     (lambda r: r["model"].update(name_or_path="org/model"), "data.train is 'demo' but model.name_or_path"),
+    (lambda r: r["export"].update(gguf_types=["q3"]), "export.gguf_types[0] is 'q3': valid values are 'f32', 'f16'"),
+    (lambda r: r["export"].update(gguf_types=[]), "export.gguf_types is an empty list: give GGUF types"),
+    (lambda r: r["export"].update(gguf_types=["f16", "f16"]), "export.gguf_types lists ['f16', 'f16'] with repeats"),
+    (lambda r: (r["export"].update(gguf_types=["f16"]), r["evaluate"].update(speed_gguf_type="q8_0")),
+     "evaluate.speed_gguf_type is 'q8_0' but export.gguf_types (f16)"),
 ])
 def test_bad_params_are_refused_with_the_key_named(tmp_path, edit, message):
     with pytest.raises(ConfigError, match=_escape(message)):

@@ -26,7 +26,7 @@ TINY = {
     "compute": dict(nproc=1),  # tests/test_distributed.py covers several processes; here they would only add startup
 }
 STAGES = ["base", "calibration", "database", "uniform", "search", "finetune@searched", "finetune@uniform", "baselines",
-          "evaluate"]
+          "export", "evaluate"]
 
 
 def _env():

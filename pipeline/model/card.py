@@ -51,6 +51,27 @@ model = AutoModelForCausalLM.from_pretrained(PATH, trust_remote_code=True)
 tokenizer = AutoTokenizer.from_pretrained(PATH)
 ```
 
+## Run it with llama.cpp
+
+`dvc repro` also exports this model for llama.cpp (stage `export`): `models/gguf/{name}-<type>.gguf` for each
+type in `export.gguf_types`, beside the dense model's and the other pruned model's to compare with. The files use
+llama.cpp's `deci` architecture, which reads each layer's query heads, key/value heads and MLP width:
+
+```sh
+llama-cli -m models/gguf/{name}-q8_0.gguf -p "Once upon a time" -n 64 --flash-attn on
+llama-server -m models/gguf/{name}-q8_0.gguf --port 8080 --flash-attn on   # OpenAI-style API on :8080/v1
+```
+
+Keep flash attention on: without it llama.cpp pads every layer's value cache to the widest layer. On CPUs
+with AMX (Intel Xeon 4th generation and later), add `--no-repack` if llama.cpp crashes on a quantized
+file (llama.cpp issue 20824, not specific to this model). With Ollama (not tested here; its bundled
+llama.cpp must know the `deci` architecture):
+
+```sh
+printf 'FROM ./{name}-q8_0.gguf\n' > Modelfile && ollama create darwinlm-{name} -f Modelfile
+ollama run darwinlm-{name} "Once upon a time"
+```
+
 ## Levels per layer (0 = dense, {params.database.levels} = module removed)
 
 | layer | attention level | MLP level | query heads kept | key/value heads kept | MLP neurons kept |

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from pipeline.config import DatasetSpec, ModelParams, Params, TextSource
+from pipeline.config import GGUF_BY_LLAMA_CPP, GGUF_WRITTEN, DatasetSpec, ModelParams, Params, TextSource
 from pipeline.data import check_corpus_budgets, require_eos
 from pipeline.errors import ConfigError
 from pipeline.model.structure import count_params, hf_location, is_gguf, structure_of
@@ -83,10 +83,19 @@ def corpus_fingerprint(source: TextSource) -> str | dict:
 
 
 def check_optional_packages(params: Params) -> None:
-    """lm-evaluation-harness is installed only where it is used (requirements-eval.txt)."""
+    """lm-evaluation-harness (requirements-eval.txt) is installed only where it is used; llama-cpp-python
+    (requirements.txt, built from source) may be missing where it was not built."""
     if params.evaluate.lm_eval_tasks and importlib.util.find_spec("lm_eval") is None:
         raise ConfigError("evaluate.lm_eval_tasks is set but lm-evaluation-harness is not installed: "
                           "pip install -r requirements-eval.txt (or set evaluate.lm_eval_tasks: [])")
+    if params.evaluate.speed_gguf_type and importlib.util.find_spec("llama_cpp") is None:
+        raise ConfigError("evaluate.speed_gguf_type is set but llama-cpp-python, which runs the GGUF files, is not "
+                          "installed: pip install -r requirements.txt (or set evaluate.speed_gguf_type: null)")
+    by_llama_cpp = [t for t in params.export.gguf_types if t in GGUF_BY_LLAMA_CPP]
+    if by_llama_cpp and importlib.util.find_spec("llama_cpp") is None:
+        raise ConfigError(f"export.gguf_types has {', '.join(by_llama_cpp)}, made by llama.cpp's quantizer, but "
+                          "llama-cpp-python is not installed: pip install -r requirements.txt "
+                          f"(or use {', '.join(GGUF_WRITTEN)})")
 
 
 def check_compute(params: Params) -> None:

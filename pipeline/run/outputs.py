@@ -28,6 +28,7 @@ BASELINES_WORK = Path(".darwinlm/baselines")
 BASELINE_LEVELS = LEVELS / "baselines"  # one <baseline>.json of levels per baseline
 BASELINE_PANEL = Path("plots/baselines.csv")  # one row per method: size, one-shot ppl, KL (dvc plots)
 MODELS = {"searched": Path("models/pruned"), "uniform": Path("models/uniform")}
+GGUF = Path("models/gguf")  # llama.cpp files: <dense|searched|uniform>-<type>.gguf
 METRICS = Path("metrics")
 PLOTS = Path("plots")
 

@@ -213,6 +213,12 @@ def log_table(rows: list[dict], name: str) -> None:
                          artifact_file=name + ("" if Path(name).suffix else ".json"))
 
 
+def log_artifact(path: str | os.PathLike, folder: str) -> None:
+    """A file as an artifact of the stage's run, under ``folder``."""
+    if _active():
+        mlflow.log_artifact(str(path), folder)
+
+
 def set_tags(d: Mapping) -> None:
     if _active() and d:
         mlflow.set_tags({_key(str(k)): str(v) for k, v in d.items()})
