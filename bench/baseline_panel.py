@@ -24,7 +24,7 @@ from pipeline.pruning.activation_stats import calibration_stats  # noqa: E402
 from pipeline.pruning.database import Database, build_database  # noqa: E402
 from pipeline.pruning.scored import build_scored_database  # noqa: E402
 from pipeline.search.baselines import BASELINES, baseline_levels  # noqa: E402
-from pipeline.search.evolution import LevelSwapper, evolve, prunable_params, uniform_levels  # noqa: E402
+from pipeline.search.evolution import LevelSwapper, evolve, prunable_params, uniform_at_size  # noqa: E402
 from pipeline.search.fitness import fitness, teacher_targets  # noqa: E402
 from pipeline.train import train_causal_lm  # noqa: E402
 
@@ -60,7 +60,7 @@ def main():
     search = shipped.search.model_copy(update={"target": args.target, **(
         {"generations": args.generations} if args.generations else {})})
     teacher = teacher_targets(model, sets["fitness"], 8, "kl")
-    uniform = uniform_levels(args.target, db.levels, structure.num_layers)
+    uniform = uniform_at_size(db, args.target, search.budget_tolerance)  # the pipeline's uniform stage
     swapper = LevelSwapper(model, db)
     swapper.apply(uniform)
     searched = evolve(swapper, uniform, search, sets["fitness"], teacher, sets["train"]).parent
