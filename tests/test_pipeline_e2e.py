@@ -21,7 +21,7 @@ TINY = {
     "search": dict(generations=3, offspring=4, eval_every=2, schedule=[{"survivors": 2, "fitness_tokens": 256, "train_tokens": 64},
                                                         {"survivors": 1, "fitness_tokens": 1024, "train_tokens": 0}]),
     "finetune": dict(steps=5, batch_size=4),
-    "evaluate": dict(speed_prompt_len=16, speed_decode_tokens=4, speed_repeats=2),
+    "evaluate": dict(speed_prompt_len=16, speed_decode_tokens=4, speed_repeats=2, finetune_baselines=["flap", "shortgpt"]),
     "tracking": dict(experiment="e2e"),
     "compute": dict(nproc=1),  # tests/test_distributed.py covers several processes; here they would only add startup
 }
