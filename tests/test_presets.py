@@ -43,7 +43,7 @@ def test_preset_is_valid_and_reaches_the_papers_size(name):
     assert params.finetune.batch_size % params.compute.nproc == 0
 
 
-SMALL_PRESETS = {"smollm2-135m-cpu"}  # runs the whole pipeline on a CPU: checked end to end, not against a paper
+SMALL_PRESETS = {"smollm2-135m-cpu", "stories260k-cpu"}  # runs the whole pipeline on a CPU: checked end to end, not against a paper
 
 
 def test_every_preset_is_tested():
