@@ -54,7 +54,7 @@ def main(params, say, group):
     eval_tokens, fitness_set = load_tokens("eval"), load_tokens("fitness")
     kind = "topk_kl" if params.search.fitness == "topk_kl" else "kl"
     teacher = teacher_targets(dense, fitness_set, p.batch_size, kind, params.search.topk)
-    rows = []
+    rows, train_tokens = [], None
     for name, base_db, levels in entries:
         levels = {m: levels[m] for m in ("attn", "mlp")}
         model = materialize(dense, base_db.structure, base_db.weights_for(levels))
@@ -67,7 +67,8 @@ def main(params, say, group):
         say(f"{name} ({r['database']}): {r['removed_fraction']:.1%} removed, one-shot ppl {r['ppl_oneshot']:.3f}, "
             f"{kind} {r['kl']:.4f}" + ("" if r["within_tolerance"] else " (NOT within the size tolerance)"))
         if name in p.finetune_baselines:
-            r["ppl_finetuned"] = _finetuned_ppl(model, dense, params, eval_tokens)
+            train_tokens = train_tokens if train_tokens is not None else load_tokens("train")
+            r["ppl_finetuned"] = _finetuned_ppl(model, dense, params, train_tokens, eval_tokens)
             say(f"{name}: trained {params.finetune.steps} steps as the searched model is: eval ppl "
                 f"{r['ppl_finetuned']:.3f}")
         rows.append(r)
@@ -101,10 +102,10 @@ def _databases(names, db, dense, params, group, say) -> tuple[dict, list[float]]
     return dbs, stats.block_influence if stats else []
 
 
-def _finetuned_ppl(model, dense, params, eval_tokens) -> float:
+def _finetuned_ppl(model, dense, params, train_tokens, eval_tokens) -> float:
     """Train the baseline's model with the finetune params (the searched model's training), one process."""
     f = params.finetune
-    train_causal_lm(model, load_tokens("train"), steps=f.steps, batch_size=f.batch_size, lr=f.lr,
+    train_causal_lm(model, train_tokens, steps=f.steps, batch_size=f.batch_size, lr=f.lr,
                     weight_decay=f.weight_decay, warmup_steps=f.warmup_steps, seed=f.seed,
                     teacher=dense if f.distill > 0 else None, distill=f.distill, temperature=f.temperature)
     model.eval()

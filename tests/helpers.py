@@ -99,3 +99,18 @@ def pruned_by_slicing(model, heads: list, neurons: list):
         kept_neurons = torch.arange(neurons[i])
         level_weights[(i, "mlp")] = (kept_neurons, block.mlp.down_proj.weight[:, kept_neurons])
     return materialize(model, structure, level_weights)
+
+
+def scored_databases(model, tokens, levels, tmp_path_factory, batch_size):
+    """The calibration statistics of `tokens` and the magnitude, wanda_sp and flap databases of `model`."""
+    from pipeline.model.structure import structure_of
+    from pipeline.pruning.activation_stats import calibration_stats
+    from pipeline.pruning.database import Database
+    from pipeline.pruning.scored import build_scored_database
+    stats = calibration_stats(model, tokens, batch_size=batch_size)
+    dbs = {}
+    for method in ("magnitude", "wanda_sp", "flap"):
+        out = tmp_path_factory.mktemp(method)
+        build_scored_database(model, structure_of(model), method, stats, levels, out, {})
+        dbs[method] = Database(out)
+    return stats, dbs

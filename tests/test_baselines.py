@@ -5,12 +5,10 @@ import random
 
 import pytest
 import torch
-from helpers import tiny_llama
+from helpers import scored_databases, tiny_llama
 
 from pipeline.model.structure import ATTN, MLP, structure_of
-from pipeline.pruning.activation_stats import calibration_stats
 from pipeline.pruning.database import Database
-from pipeline.pruning.scored import build_scored_database
 from pipeline.search.baselines import (
     BASELINES,
     baseline_levels,
@@ -26,12 +24,7 @@ from pipeline.search.evolution import params_table, prunable_params, uniform_lev
 def setup(tmp_path_factory):
     model = tiny_llama(layers=4, intermediate=96)
     tokens = torch.randint(0, 64, (8, 16), generator=torch.Generator().manual_seed(2))
-    stats = calibration_stats(model, tokens, batch_size=4)
-    dbs = {}
-    for method in ("magnitude", "wanda_sp", "flap"):
-        out = tmp_path_factory.mktemp(method)
-        build_scored_database(model, structure_of(model), method, stats, 8, out, {})
-        dbs[method] = Database(out)
+    stats, dbs = scored_databases(model, tokens, 8, tmp_path_factory, batch_size=4)
     dbs["main"] = dbs["magnitude"]
     return dbs, stats
 

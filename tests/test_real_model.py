@@ -33,6 +33,22 @@ def built(tmp_path_factory):
     return model, Database(out), sets, evals
 
 
+def _magnitude_weights(model, db, levels, mlp_block=1):
+    """Independent reference: the database's unit counts, but units chosen by the norm of their output
+    columns and left uncorrected (heads, or blocks of `mlp_block` neurons)."""
+    weights = {}
+    for module in (ATTN, MLP):
+        per_unit = 1 if module == ATTN else mlp_block
+        for layer, level in enumerate(levels[module]):
+            w = output_projection(model, layer, module).weight.detach()
+            block = db.structure.unit_size(module) * per_unit  # columns per unit
+            count = len(db.level_units(layer, module, level)) // per_unit
+            kept = w.reshape(w.shape[0], -1, block).norm(dim=(0, 2)).argsort(descending=True)[:count].sort().values
+            cols = (kept[:, None] * block + torch.arange(block)).reshape(-1)
+            weights[(layer, module)] = (kept if module == ATTN else cols, w[:, cols])
+    return weights
+
+
 def test_resolves_without_loading_weights():
     info = describe_model(ModelParams(name_or_path=str(MODEL), dtype="float32"))
     assert info["kind"] == "folder" and info["parameters"] > 200_000
@@ -48,16 +64,7 @@ def test_obs_beats_magnitude_pruning_at_the_same_structure(built):
     model, db, _, evals = built
     levels = uniform_levels(0.5, db.levels, db.structure.num_layers)
     obs_ppl = perplexity(materialize(model, db.structure, db.weights_for(levels)), evals, 16)
-    magnitude = {}
-    for module in (ATTN, MLP):  # same unit counts, chosen by column-norm with no correction
-        for layer, level in enumerate(levels[module]):
-            w = output_projection(model, layer, module).weight.detach()
-            g = db.structure.unit_size(module)
-            norms = w.reshape(w.shape[0], -1, g).norm(dim=(0, 2))
-            kept = norms.argsort(descending=True)[: db.kept_count(module, level)].sort().values
-            cols = (kept[:, None] * g + torch.arange(g)).reshape(-1)
-            magnitude[(layer, module)] = (kept, w[:, cols])
-    mag_ppl = perplexity(materialize(model, db.structure, magnitude), evals, 16)
+    mag_ppl = perplexity(materialize(model, db.structure, _magnitude_weights(model, db, levels)), evals, 16)
     assert obs_ppl < mag_ppl / 2
 
 
@@ -132,16 +139,5 @@ def test_smollm2_first_layers_from_gguf(tmp_path):
     teacher = teacher_targets(model, held_out, 4, "kl")
     half = {m: [2] * 3 for m in (ATTN, MLP)}
     obs = fitness(materialize(model, structure, db.weights_for(half)), held_out, teacher, 4)
-    magnitude = {}
-    for module in (ATTN, MLP):  # the same number of units, chosen by column norm, no correction
-        per_unit = 1 if module == ATTN else 32  # heads, or blocks of 32 neurons
-        for layer in range(3):
-            w = output_projection(model, layer, module).weight.detach()
-            block = structure.unit_size(module) * per_unit  # columns per unit
-            members = db.level_weight(layer, module, 2)[0]  # kept heads / neurons of OBS at that level
-            norms = w.reshape(w.shape[0], -1, block).norm(dim=(0, 2))
-            kept = norms.argsort(descending=True)[: len(members) // per_unit].sort().values
-            cols = (kept[:, None] * block + torch.arange(block)).reshape(-1)
-            magnitude[(layer, module)] = (kept if module == ATTN else cols, w[:, cols])
-    mag = fitness(materialize(model, structure, magnitude), held_out, teacher, 4)
+    mag = fitness(materialize(model, structure, _magnitude_weights(model, db, half, mlp_block=32)), held_out, teacher, 4)
     assert obs < mag / 2, (obs, mag)

@@ -4,12 +4,11 @@ compensation against the least-squares optimal bias, ShortGPT's block influence 
 and FLAP models with their new output biases equal to the masked dense model, exported and reloaded."""
 import pytest
 import torch
-from helpers import masked_copy, tiny_llama
+from helpers import masked_copy, scored_databases, tiny_llama
 
 from pipeline.model.export import load_pruned, save_pruned
 from pipeline.model.materialize import materialize
 from pipeline.model.structure import ATTN, MLP, output_projection, structure_of
-from pipeline.pruning.activation_stats import calibration_stats
 from pipeline.pruning.database import Database
 from pipeline.pruning.scored import build_scored_database
 from pipeline.pruning.scores import compensation_bias
@@ -44,12 +43,7 @@ def _captured(model, tokens):
 def built(tmp_path_factory):
     model = tiny_llama()
     tokens = torch.randint(0, 64, (12, 16), generator=torch.Generator().manual_seed(1))
-    stats = calibration_stats(model, tokens, batch_size=5)
-    dbs = {}
-    for method in ("magnitude", "wanda_sp", "flap"):
-        out = tmp_path_factory.mktemp(method)
-        build_scored_database(model, structure_of(model), method, stats, 4, out, {})
-        dbs[method] = Database(out)
+    stats, dbs = scored_databases(model, tokens, 4, tmp_path_factory, batch_size=5)
     return model, tokens, stats, dbs, _captured(model, tokens)
 
 

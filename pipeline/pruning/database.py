@@ -260,6 +260,13 @@ class Database:
             self._cached_bytes -= _nbytes(self._cache.popitem(last=False)[1])
         return entry
 
+    def level_units(self, layer: int, module: str, level: int) -> torch.Tensor:
+        """The kept query heads or neurons of one module at one level, without reading its weight."""
+        if (layer, module, level) in self._cache:
+            return self._cache[(layer, module, level)][0]
+        with safe_open(str(self._verify(layer, module)), framework="pt") as f:
+            return unit_indices(f.get_tensor(f"kept.{level}"), self.per_unit[module])
+
     def level_bias(self, layer: int, module: str, level: int) -> torch.Tensor | None:
         """The output projection's whole bias at that level where the database stores one (FLAP's bias
         compensation, the dense bias included), else None (the dense model's bias, if any, stands)."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -131,11 +132,21 @@ def _key(levels: Levels) -> tuple:
 
 def params_table(db: Database) -> dict[str, list[list[int]]]:
     """table[module][layer][level] = attention or MLP parameters that module keeps at that level
-    (key/value heads left without query heads count as removed)."""
+    (key/value heads left without query heads count as removed). Computed once per database: the uniform
+    baseline, the budget check and every size report read the same table."""
+    if db not in _PARAMS_TABLES:
+        _PARAMS_TABLES[db] = _count_params(db)
+    return _PARAMS_TABLES[db]
+
+
+_PARAMS_TABLES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _count_params(db: Database) -> dict[str, list[list[int]]]:
     s = db.structure
     table = {"attn": [], "mlp": []}
     for layer in range(s.num_layers):
-        heads = [db.level_weight(layer, "attn", k)[0].tolist() for k in range(db.levels + 1)]
+        heads = [db.level_units(layer, "attn", k).tolist() for k in range(db.levels + 1)]  # indices, no weights
         table["attn"].append([s.attention_params(len(h), len(s.kv_heads_used(h))) for h in heads])
         table["mlp"].append([s.mlp_params(db.kept_count("mlp", k)) for k in range(db.levels + 1)])
     return table
