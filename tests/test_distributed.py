@@ -11,7 +11,7 @@ import torch
 from distributed_worker import build, search, train
 
 from pipeline.pruning.database import MANIFEST, Database
-from pipeline.run.distributed import SINGLE
+from pipeline.run.distributed import SINGLE, balanced_owners
 
 WORKER = Path(__file__).with_name("distributed_worker.py")
 
@@ -75,3 +75,12 @@ def test_two_processes_train_the_same_weights(single_db, tmp_path, mode):
     assert got["weights"].keys() == weights.keys()
     for name, tensor in weights.items():
         torch.testing.assert_close(got["weights"][name], tensor, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_balanced_owners_share_a_search_generations_work_evenly():
+    # the demo's first selection step: 16 offspring (cost 3) and the parent's last-stage entry (cost 12)
+    owners = balanced_owners([3] * 16 + [12], 2)
+    loads = [sum(c for c, o in zip([3] * 16 + [12], owners) if o == r) for r in (0, 1)]
+    assert loads == [30, 30] and owners[-1] == 0
+    assert balanced_owners([5, 1, 1, 1, 1, 1], 3) == [0, 1, 2, 1, 2, 1]  # costliest first, ties to the lower rank
+    assert balanced_owners([2, 2], 1) == [0, 0]

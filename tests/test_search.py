@@ -146,6 +146,44 @@ def test_training_aware_selection_trains_copies_and_changes_the_ranking(tiny_mod
     assert [h["fitness"] for h in trained.history] != [h["fitness"] for h in plain.history]
 
 
+def test_generations_choose_as_stage_by_stage_selection_does(tiny_model, setup):
+    """The search scores the parent's last-stage entry early (to keep processes busy); the method is
+    unchanged: each stage draws its minibatch in turn, trains and scores its candidates, keeps the best."""
+    import math
+
+    from pipeline.model.materialize import materialize
+    from pipeline.train import train_causal_lm
+    db, fitness_set, teacher = setup
+    train_set = torch.randint(0, 64, (10, 16), generator=torch.Generator().manual_seed(6))
+    schedule = tuple(SelectionStage(survivors=n, fitness_tokens=f, train_tokens=32) for n, f in ((3, 32), (2, 64), (1, 128)))
+    p = _params(generations=3, budget="levels", schedule=schedule, train_lr=1e-2)
+    start = uniform_levels(0.5, 4, 3)
+    state = evolve(LevelSwapper(tiny_model, db), start, p, fitness_set, teacher, train_set)
+
+    def trained_score(levels, train, seed, rows):
+        model = materialize(tiny_model, db.structure, db.weights_for(levels))
+        train_causal_lm(model, train, steps=math.ceil(len(train) / p.train_batch_size), batch_size=p.train_batch_size,
+                        lr=p.train_lr, seed=seed, warmup_steps=0, constant_lr=True)
+        return fitness(model, fitness_set[rows], teacher.subset(rows), p.batch_size)
+
+    rng, parent, history = random.Random(p.seed), start, []
+    for _ in range(p.generations):
+        candidates = offspring(parent, p.offspring, db.levels, rng, p.max_level_switches)
+        for s, stage in enumerate(schedule):
+            if s == len(schedule) - 1 and parent not in candidates:
+                candidates = candidates + [parent]
+            rows = torch.tensor(sorted(rng.sample(range(len(fitness_set)), stage.fitness_tokens // 16)))
+            train = train_set[torch.tensor(rng.sample(range(len(train_set)), stage.train_tokens // 16))]
+            seed = rng.randrange(2**31)
+            scores = [trained_score(c, train, seed, rows) for c in candidates]
+            order = sorted(range(len(candidates)), key=lambda i: scores[i])
+            candidates = [candidates[i] for i in order[: stage.survivors]]
+        parent = candidates[0]
+        history.append(scores[order[0]])
+    assert state.parent == parent
+    assert [h["fitness"] for h in state.history] == history  # same computations in one process: bit-equal
+
+
 def test_interrupted_search_resumes_to_the_uninterrupted_result(tiny_model, setup, tmp_path):
     db, fitness_set, teacher = setup
     start = uniform_levels(0.5, 4, 3)

@@ -28,10 +28,6 @@ class Group:
     def is_main(self) -> bool:
         return self.rank == 0
 
-    def owns(self, index: int) -> bool:
-        """Round-robin ownership of the index-th piece of work."""
-        return index % self.world == self.rank
-
     def shard(self, rows: torch.Tensor) -> torch.Tensor:
         """This rank's rows of a tensor (every world-th row, starting at the rank)."""
         return rows[self.rank::self.world]
@@ -62,6 +58,16 @@ class Group:
 
 
 SINGLE = Group()
+
+
+def balanced_owners(costs: list[float], world: int) -> list[int]:
+    """The rank that does each piece of work: costliest first, each to the least loaded rank (ties to the
+    lower rank), so every rank computes the same assignment."""
+    owners, load = [0] * len(costs), [0.0] * world
+    for i in sorted(range(len(costs)), key=lambda i: -costs[i]):
+        owners[i] = min(range(world), key=lambda r: load[r])
+        load[owners[i]] += costs[i]
+    return owners
 
 
 def device_of(model) -> torch.device:

@@ -24,7 +24,7 @@ from pipeline.errors import ConfigError
 from pipeline.model.materialize import materialize
 from pipeline.model.structure import MODULE_TYPES, masked_weight, output_projection, unit_indices
 from pipeline.pruning.database import Database
-from pipeline.run.distributed import SINGLE, Group
+from pipeline.run.distributed import SINGLE, Group, balanced_owners
 from pipeline.run.outputs import write_text
 from pipeline.search.fitness import Teacher, fitness
 from pipeline.train import train_causal_lm
@@ -245,12 +245,21 @@ def evolve(swapper: LevelSwapper, start: Levels, p: SearchParams, fitness_set: t
             raise ConfigError(f"search: no offspring of {state.parent} lies within the budget ({p.budget}); "
                               "every module sits at level 0 or K, or search.budget_tolerance is too tight: "
                               "choose a search.target further from 0 and 1, or a larger budget_tolerance")
+        # Every stage's minibatch is drawn now, in the order stage-by-stage scoring would draw them. The parent
+        # always competes in the last stage (elitism) on those draws, so it is scored there during the first
+        # stage, keeping every process busy in the last stage, which has few candidates.
+        draws = [_draw(stage, p, fitness_set, train_set, state.rng) for stage in p.schedule]
+        last = len(p.schedule) - 1
+        scored: dict[tuple, float] = {}
         candidates = children
         record = {"generation": state.generation + 1, "offspring": len(children)}
         for s, stage in enumerate(p.schedule):
-            if s == len(p.schedule) - 1 and state.parent not in candidates:  # elitism
+            if s == last and state.parent not in candidates:
                 candidates = candidates + [state.parent]
-            scores = _score_stage(swapper, candidates, stage, p, fitness_set, teacher, train_set, state.rng, group)
+            jobs = [(s, c) for c in candidates] + ([(last, state.parent)] if s == 0 < last else [])
+            todo = {(t, _key(c)): (t, c) for t, c in jobs if (t, _key(c)) not in scored}
+            scored.update(zip(todo, _score_jobs(swapper, list(todo.values()), draws, p, fitness_set, teacher, group)))
+            scores = [scored[(s, _key(c))] for c in candidates]
             order = sorted(range(len(candidates)), key=lambda i: fitness_rank(scores[i]))
             candidates = [candidates[i] for i in order[: stage.survivors]]
             record[f"stage{s + 1}_best"] = scores[order[0]]
@@ -267,30 +276,45 @@ def evolve(swapper: LevelSwapper, start: Levels, p: SearchParams, fitness_set: t
     return state
 
 
-def _score_stage(swapper: LevelSwapper, candidates, stage: SelectionStage, p: SearchParams, fitness_set,
-                 teacher: Teacher, train_set, rng: random.Random, group: Group) -> list[float]:
-    """Score every candidate on one fresh minibatch shared by all of them (trained first when the
-    stage has train_tokens and training-aware selection is on); this rank scores its share."""
+@dataclass(frozen=True)
+class Draw:
+    """One selection stage's minibatch, shared by all its candidates: fitness rows, and the training
+    sequences and seed when the stage trains (training-aware selection)."""
+    fitness_rows: torch.Tensor
+    train_batch: torch.Tensor | None
+    train_seed: int | None
+    cost: int  # for sharing work between processes: a trained token costs about 4 scored ones
+
+
+def _draw(stage: SelectionStage, p: SearchParams, fitness_set: torch.Tensor, train_set, rng: random.Random) -> Draw:
     seq_len = fitness_set.shape[1]
     n_fit = min(len(fitness_set), max(1, stage.fitness_tokens // seq_len))
-    picked = torch.tensor(sorted(rng.sample(range(len(fitness_set)), n_fit)))
-    batch, target = fitness_set[picked], teacher.subset(picked)
-    trains = p.tas and stage.train_tokens > 0
-    if trains:
-        n_train = min(len(train_set), max(1, stage.train_tokens // seq_len))
-        train_batch = train_set[torch.tensor(rng.sample(range(len(train_set)), n_train))]
-        train_seed = rng.randrange(2**31)
+    rows = torch.tensor(sorted(rng.sample(range(len(fitness_set)), n_fit)))
+    if not (p.tas and stage.train_tokens > 0):
+        return Draw(rows, None, None, n_fit)
+    n_train = min(len(train_set), max(1, stage.train_tokens // seq_len))
+    train_batch = train_set[torch.tensor(rng.sample(range(len(train_set)), n_train))]
+    return Draw(rows, train_batch, rng.randrange(2**31), n_fit + 4 * n_train)
+
+
+def _score_jobs(swapper: LevelSwapper, jobs: list[tuple[int, Levels]], draws: list[Draw], p: SearchParams,
+                fitness_set: torch.Tensor, teacher: Teacher, group: Group) -> list[float]:
+    """Scores of (stage, candidate) jobs on their stage's draw (trained first when it trains); each rank
+    scores its share, balanced by cost, and every rank gets all the scores."""
     mine = {}
-    for i, levels in enumerate(candidates):
-        if not group.owns(i):
+    for i, owner in enumerate(balanced_owners([draws[s].cost for s, _ in jobs], group.world)):
+        if owner != group.rank:
             continue
-        if trains:  # built from the database: the dense-shaped model's swapped projections are not read
-            mine[i] = _trained_fitness(swapper, levels, train_batch, train_seed, batch, target, p)
+        s, levels = jobs[i]
+        draw = draws[s]
+        batch, target = fitness_set[draw.fitness_rows], teacher.subset(draw.fitness_rows)
+        if draw.train_batch is not None:  # built from the database: the swapped dense-shaped model is not read
+            mine[i] = _trained_fitness(swapper, levels, draw.train_batch, draw.train_seed, batch, target, p)
         else:
             swapper.apply(levels)
             mine[i] = fitness(swapper.model, batch, target, p.batch_size)
     scores = {i: s for part in group.gather(mine) for i, s in part.items()}
-    return [scores[i] for i in range(len(candidates))]
+    return [scores[i] for i in range(len(jobs))]
 
 
 def _trained_fitness(swapper: LevelSwapper, levels: Levels, train_batch, seed: int, batch, target: Teacher,
