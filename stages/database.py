@@ -88,4 +88,4 @@ def _activations_file(params, calib, model, structure, group, work, say):
 
 
 if __name__ == "__main__":
-    run_stage("database", ("database",), main, multiprocess=True)
+    run_stage("database", ("database",), main)

@@ -100,5 +100,4 @@ if __name__ == "__main__":
     args = argparse.ArgumentParser(description=__doc__)
     args.add_argument("name", choices=sorted(MODELS))
     name = args.parse_args().name
-    run_stage(f"finetune@{name}", ("finetune",), lambda params, say, group: main(name, params, say, group),
-              multiprocess=True)
+    run_stage(f"finetune@{name}", ("finetune",), lambda params, say, group: main(name, params, say, group))

@@ -115,4 +115,4 @@ def _structure_table(db, searched, uniform) -> pd.DataFrame:
 
 
 if __name__ == "__main__":
-    run_stage("search", ("search",), main, multiprocess=True)
+    run_stage("search", ("search",), main)

@@ -8,6 +8,7 @@ import functools
 import torch
 from torch import nn
 from transformers import LlamaConfig
+from transformers.initialization import no_init_weights
 
 from pipeline.model.pruned_llama import PrunedLlamaConfig, PrunedLlamaForCausalLM, layer_record
 from pipeline.model.structure import ATTN, MLP, Structure, block_features, unit_indices
@@ -53,7 +54,7 @@ def materialize(dense_model, structure: Structure, level_weights: dict) -> Prune
     kept = {key: value[0] for key, value in level_weights.items()}
     biases = {key: value[2] for key, value in level_weights.items() if len(value) > 2 and value[2] is not None}
     config = pruned_config(dense_model.config, structure, kept, block_features(dense_model), frozenset(biases))
-    with torch.device("meta"):
+    with torch.device("meta"), no_init_weights():  # every weight is copied below: initialising them is wasted
         model = PrunedLlamaForCausalLM(config)
     first = next(dense_model.parameters())
 

@@ -12,8 +12,9 @@ from pipeline.config import GGUF_BY_LLAMA_CPP, GGUF_WRITTEN, DatasetSpec, ModelP
 from pipeline.data import check_corpus_budgets, require_eos
 from pipeline.errors import ConfigError
 from pipeline.model.structure import count_params, hf_location, is_gguf, structure_of
-from pipeline.run.distributed import pick_device, torchrun_path
+from pipeline.run.distributed import pick_device
 from pipeline.run.hashing import file_sha256, folder_sha256
+from pipeline.run.launch import torchrun_path
 
 
 def describe_model(p: ModelParams) -> dict:

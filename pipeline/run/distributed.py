@@ -8,8 +8,6 @@ rank 0 writes the stage's outputs, and every rank reads the same inputs and chec
 from __future__ import annotations
 
 import os
-import shutil
-import sys
 from dataclasses import dataclass
 
 import torch
@@ -105,23 +103,6 @@ def init(device_name: str = "auto") -> Group:
 def close() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
-
-
-def launched_by_torchrun() -> bool:
-    return "TORCHELASTIC_RUN_ID" in os.environ or "LOCAL_RANK" in os.environ
-
-
-def torchrun_path() -> str | None:
-    """torchrun on PATH, or beside this Python (a venv not on PATH); None when it is missing."""
-    beside = os.path.join(os.path.dirname(sys.executable), "torchrun")
-    return shutil.which("torchrun") or (beside if os.path.exists(beside) else None)
-
-
-def relaunch_with_torchrun(module: str, nproc: int, argv: list[str]) -> None:
-    """Replace this process by `torchrun --standalone --nproc-per-node nproc -m module argv`
-    (one node; for several nodes run torchrun yourself with --nnodes and a rendezvous endpoint)."""
-    torchrun = torchrun_path()
-    os.execv(torchrun, [torchrun, "--standalone", f"--nproc-per-node={nproc}", "-m", module, *argv])
 
 
 def set_threads(threads: int | None) -> int:

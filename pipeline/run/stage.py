@@ -25,20 +25,17 @@ def log(stage: str, message: str) -> None:
 Body = Callable[[Params, Callable[[str], None], distributed.Group], dict]
 
 
-def run_stage(name: str, sections: tuple[str, ...], body: Body, close_pipeline: bool = False,
-              multiprocess: bool = False) -> None:
+def run_stage(name: str, sections: tuple[str, ...], body: Body, close_pipeline: bool = False) -> None:
     """Validate params.yaml, run `body(params, say, group)` inside the stage's MLflow run, write
     metrics/<stage>.json with the returned metrics and the run id.
 
-    A `multiprocess` stage relaunches itself under torchrun when compute.nproc > 1; every rank runs
-    `body`, and only rank 0 talks (progress lines, MLflow, the metrics file)."""
+    Under torchrun (stages/__init__.py starts the multi-process stages so) every rank runs `body`, and
+    only rank 0 talks (progress lines, MLflow, the metrics file)."""
     stop_cleanly_on_signals()
     try:
         params = load_params(PARAMS_FILE)
     except ConfigError as err:
         sys.exit(f"error in {PARAMS_FILE}: {err}")
-    if multiprocess and params.compute.nproc > 1 and not distributed.launched_by_torchrun():
-        distributed.relaunch_with_torchrun(sys.modules["__main__"].__spec__.name, params.compute.nproc, sys.argv[1:])
     group = distributed.init(params.compute.device)  # a single process unless torchrun started this one
     threads = distributed.set_threads(params.compute.threads)
     all_params = section_dicts(params, tuple(type(params).model_fields))

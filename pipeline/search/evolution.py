@@ -301,13 +301,15 @@ def _score_jobs(swapper: LevelSwapper, jobs: list[tuple[int, Levels]], draws: li
                 fitness_set: torch.Tensor, teacher: Teacher, group: Group) -> list[float]:
     """Scores of (stage, candidate) jobs on their stage's draw (trained first when it trains); each rank
     scores its share, balanced by cost, and every rank gets all the scores."""
-    mine = {}
+    mine, stage_targets = {}, {}
     for i, owner in enumerate(balanced_owners([draws[s].cost for s, _ in jobs], group.world)):
         if owner != group.rank:
             continue
         s, levels = jobs[i]
         draw = draws[s]
-        batch, target = fitness_set[draw.fitness_rows], teacher.subset(draw.fitness_rows)
+        if s not in stage_targets:  # copies (rows picked by index): made once per stage, not per candidate
+            stage_targets[s] = fitness_set[draw.fitness_rows], teacher.subset(draw.fitness_rows)
+        batch, target = stage_targets[s]
         if draw.train_batch is not None:  # built from the database: the swapped dense-shaped model is not read
             mine[i] = _trained_fitness(swapper, levels, draw.train_batch, draw.train_seed, batch, target, p)
         else:
