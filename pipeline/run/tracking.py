@@ -43,11 +43,12 @@ def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{root.as_posix()}/mlflow.db"
 
 
-def flatten(d: dict) -> dict[str, Any]:
+def flatten(d: Mapping) -> dict[str, Any]:
     """``{"search": {"target": 0.5, "levels": [1, 2]}}`` -> ``{"search.target": 0.5, "search.levels": "[1, 2]"}``,
     with keys mlflow accepts (it refuses, not clips, longer ones) and lists as JSON; empty dicts are left out."""
-    return {_BAD_KEY_CHARS.sub("_", key)[:250]: json.dumps(value) if isinstance(value, list | tuple) else value
-            for key, value in pd.json_normalize(d).to_dict("records")[0].items()}
+    flat = pd.json_normalize(dict(d)).to_dict("records")[0]
+    return {_BAD_KEY_CHARS.sub("_", k)[:250]: json.dumps(v, default=str) if isinstance(v, list | tuple) else v
+            for k, v in flat.items()}
 
 
 def _git_commit() -> str:
@@ -64,9 +65,9 @@ def _experiment_id(name: str) -> str:
     client, uri = MlflowClient(), mlflow.get_tracking_uri()
     if (experiment := client.get_experiment_by_name(name)) is None:
         db = uri.removeprefix("sqlite:///").split("?")[0] if uri.startswith("sqlite:///") else ""
+        artifacts = (Path(db).resolve().parent / "mlartifacts").as_uri() if db not in ("", ":memory:") else None
         try:
-            client.create_experiment(name, (Path(db).resolve().parent / "mlartifacts").as_uri()
-                                     if db not in ("", ":memory:") else None)
+            client.create_experiment(name, artifacts)
         except MlflowException as err:
             if err.error_code != "RESOURCE_ALREADY_EXISTS":  # else created meanwhile by a concurrent stage
                 raise
@@ -104,7 +105,7 @@ def stage_run(stage: str, stage_params: Mapping, all_params: Mapping, experiment
         yield None
         return
     for name in ("mlflow.store.db.utils", "alembic", "mlflow.system_metrics"):  # chatter on every stage
-        logging.getLogger(name).setLevel(logging.getLogger(name).level or logging.WARNING)
+        logging.getLogger(name).setLevel(logging.getLogger(name).level or logging.WARNING)  # unless set already
     mlflow.set_tracking_uri(tracking_uri())
     experiment_id = _experiment_id(experiment)
     commit, dvc_exp = _git_commit(), os.environ.get("DVC_EXP_NAME") or "workspace"
@@ -153,9 +154,10 @@ def log_metrics(metrics: Mapping, step: int | None = None, model_id: str | None 
 
 @_in_stage_run
 def log_model(folder: str | os.PathLike, name: str, metrics: Mapping | None = None,
-              register_as: str | None = None) -> str:
+              register_as: str | None = None) -> str | None:
     """A saved Hugging Face model folder as a logged model of the stage's run (loaded with transformers, not
-    an MLflow flavor), ``metrics`` linked to it, registered under ``register_as`` if given. Returns its id."""
+    an MLflow flavor), ``metrics`` linked to it, registered under ``register_as`` if given. Returns its id
+    (None when not tracked)."""
     if not Path(folder).is_dir():
         raise FileNotFoundError(f"cannot log model '{folder}': no such folder")
     model = mlflow.initialize_logged_model(name=name, model_type="huggingface")
