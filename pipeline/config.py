@@ -2,7 +2,8 @@
 
 Every stage loads the whole file through `load_params`, so a typo anywhere stops the run before
 any stage does work. params.yaml (and the presets in configs/) is the one source of values: only
-genuinely optional keys have defaults here. Checks that look at files are in pipeline/validate_paths.py.
+genuinely optional keys have defaults here. Checks that look at files belong to the validate stage
+(pipeline/model/resolve.py).
 """
 from __future__ import annotations
 
@@ -24,13 +25,10 @@ from pydantic import (
     ValidationError,
     model_validator,
 )
+from pydantic_core import ErrorDetails, PydanticCustomError
 
 from pipeline.errors import ConfigError
 
-Fitness = Literal["kl", "topk_kl", "ppl"]
-FITNESS_KINDS = typing.get_args(Fitness)
-# how a layer database chooses the units each level removes (pipeline/pruning/scored.py for all but obs)
-DatabaseMethod = Literal["obs", "magnitude", "wanda_sp", "flap"]
 # the neighbouring methods every run can report at the searched model's size (pipeline/search/baselines.py)
 Baseline = Literal["uniform_magnitude", "wanda_sp", "flap", "cfsp", "shortgpt"]
 # GGUF types written by the `gguf` package, and those made by llama.cpp's quantizer (llama-cpp-python).
@@ -51,7 +49,7 @@ def _given(what: str) -> AfterValidator:
     """Refuses a blank string or an empty list, saying what to give instead."""
     def check(value):
         if not (value.strip() if isinstance(value, str) else value):
-            raise ValueError(f"is {'empty' if isinstance(value, str) else 'an empty list'}: give {what}")
+            raise ValueError(f"give {what}")
         return value
     return AfterValidator(check)
 
@@ -60,9 +58,26 @@ Float = Annotated[float, BeforeValidator(_number)]
 Pos, PosFloat, NonNeg = Annotated[int, Field(gt=0)], Annotated[Float, Field(gt=0)], Annotated[int, Field(ge=0)]
 
 
+def _distinct(values: list) -> list:
+    if repeated := sorted({v for v in values if values.count(v) > 1}):
+        raise ValueError(f"repeats {', '.join(repeated)}; give each once")
+    return values
+
+
+Baselines = Annotated[list[Baseline], AfterValidator(_distinct)]
+
+
 class Section(BaseModel):
     """Immutable, refuses unknown keys, and no type coercion (true is no integer, "yes" no bool)."""
     model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _known_keys(cls, data):  # pydantic's own error for an unknown key does not say which keys are valid
+        if isinstance(data, dict) and (unknown := [k for k in data if k not in cls.model_fields]):
+            raise PydanticCustomError("unknown_key", "unknown key '{key}'",
+                                      {"key": unknown[0], "valid": ", ".join(cls.model_fields)})
+        return data
 
 
 class ModelParams(Section):
@@ -143,10 +158,10 @@ class DatabaseParams(Section):
     damp: Annotated[Float, Field(ge=0, lt=1)]  # Hessian dampening, relative to mean(diag H)
     hessian_dtype: Literal["float32", "float64"]
     batch_size: Pos  # calibration sequences per forward pass
-    # query: single query heads | kv_group: a key/value head with its query heads
-    attn_unit: Literal["query", "kv_group"]
+    attn_unit: Literal["query", "kv_group"]  # query: single query heads | kv_group: a key/value head and its queries
     mlp_unit: Pos  # neurons removed together (e.g. 64 or 128 for hardware-friendly widths)
-    method: DatabaseMethod = "obs"  # obs (DarwinLM) | magnitude | wanda_sp | flap: how units are chosen
+    # how units are chosen: obs (DarwinLM) | magnitude | wanda_sp | flap (pipeline/pruning/scored.py for all but obs)
+    method: Literal["obs", "magnitude", "wanda_sp", "flap"] = "obs"
 
 
 class SelectionStage(Section):
@@ -160,11 +175,12 @@ class SearchParams(Section):
     generations: Pos
     offspring: Pos
     max_level_switches: Pos  # mutation applies min(U{1..n}, U{1..n}) level switches
-    schedule: Annotated[tuple[SelectionStage, ...], Strict(False)]  # survivors shrink stage by stage down to 1
+    schedule: Annotated[tuple[SelectionStage, ...], Strict(False),  # survivors shrink stage by stage down to 1
+                        _given("at least one stage {survivors, fitness_tokens, train_tokens}")]
     tas: bool  # training-aware selection: train candidates on each stage's train_tokens first
     train_lr: PosFloat  # AdamW learning rate of that training (constant)
     train_batch_size: Pos  # sequences per step of that training
-    fitness: Fitness  # kl | topk_kl | ppl
+    fitness: Literal["kl", "topk_kl", "ppl"]
     topk: Pos  # tokens kept per position for topk_kl
     budget: Literal["levels", "params"]  # levels: level sums fixed per module type | params: total size fixed
     # width: any level 0..K per module | depth: whole attention / MLP sublayers only (levels 0 or K; EvoPress)
@@ -177,9 +193,6 @@ class SearchParams(Section):
 
     @model_validator(mode="after")
     def _schedule_shrinks_to_one(self):
-        if not self.schedule:
-            raise ConfigError("search.schedule is empty: give at least one stage "
-                              "{survivors, fitness_tokens, train_tokens}")
         previous = self.offspring
         for i, stage in enumerate(self.schedule):
             if stage.survivors > previous:
@@ -216,27 +229,15 @@ class EvaluateParams(Section):
     lm_eval_include_path: str | None = None  # a folder of local task YAMLs (data may be local files)
     lm_eval_limit: Pos | None = None  # documents per task (None = all)
     lm_eval_fewshot: dict[str, NonNeg] = {}  # few-shot examples per task, e.g. {arc_challenge: 25}; else its default
-    baselines: list[Baseline] = []  # neighbouring methods built and evaluated one-shot at the searched size
-    finetune_baselines: list[Baseline] = []  # of those, the ones also trained as the searched model is (finetune.*)
+    baselines: Baselines = []  # neighbouring methods built and evaluated one-shot at the searched size
+    finetune_baselines: Baselines = []  # of those, the ones also trained as the searched model is (finetune.*)
 
     @model_validator(mode="after")
-    def _baselines_once(self):
-        for key in ("baselines", "finetune_baselines"):
-            names = getattr(self, key)
-            repeated = sorted({b for b in names if names.count(b) > 1})
-            if repeated:
-                raise ConfigError(f"evaluate.{key} lists {', '.join(repeated)} more than once")
-        missing = [b for b in self.finetune_baselines if b not in self.baselines]
-        if missing:
+    def _finetuned_baselines_are_built(self):
+        if missing := [b for b in self.finetune_baselines if b not in self.baselines]:
             raise ConfigError(f"evaluate.finetune_baselines lists {', '.join(missing)}, which evaluate.baselines "
                               f"does not build ({', '.join(self.baselines) or 'none'}): add them there")
         return self
-
-
-def _distinct(values: list) -> list:
-    if len(set(values)) != len(values):
-        raise ValueError(f"lists {values} with repeats: give each once")
-    return values
 
 
 class ExportParams(Section):
@@ -284,8 +285,7 @@ class Params(Section):
                 if asked > available:
                     raise ConfigError(f"search.schedule[{i}].{kind}_tokens ({asked}) exceeds data.{kind}_tokens "
                                       f"({available}), the {kind} set it draws from")
-        gguf_type = self.evaluate.speed_gguf_type
-        if gguf_type is not None and gguf_type not in self.export.gguf_types:
+        if (gguf_type := self.evaluate.speed_gguf_type) not in (None, *self.export.gguf_types):
             raise ConfigError(f"evaluate.speed_gguf_type is '{gguf_type}' but export.gguf_types "
                               f"({', '.join(self.export.gguf_types)}) does not export it: add it there or pick one "
                               "of those")
@@ -306,65 +306,30 @@ class Params(Section):
 
 def load_params(path: str | os.PathLike = "params.yaml") -> Params:
     """Read and validate a params file; raises ConfigError naming the bad key."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"params file '{path}' not found")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        return Params.model_validate(yaml.safe_load(Path(path).read_text()) or {})
+    except OSError as err:
+        raise ConfigError(f"params file '{path}' cannot be read: {err.strerror}") from None
     except yaml.YAMLError as err:
         raise ConfigError(f"params file '{path}' is not valid YAML: {err}") from None
-    try:
-        return Params.model_validate(raw)
     except ValidationError as err:
         raise ConfigError(_message(err.errors()[0])) from None
 
 
-_EXPECTED = {"bool_type": "true or false", "int_type": "an integer", "float_type": "a number",
-             "string_type": "a string",
-             "list_type": "a list", "tuple_type": "a list", "model_type": "a mapping of keys"}
-_SIGNS = {"gt": ">", "ge": ">=", "lt": "<", "le": "<="}  # as in "must be > 0"; a range reads "0 < x <= 1"
-
-
-def _message(error: dict) -> str:
-    """One line for pydantic's error: the dotted key (with list indexes), the bad value, what is valid."""
-    kind, value, ctx = error["type"], error.get("input"), error.get("ctx", {})
-    key, field, parent = _locate(error["loc"], kind == "extra_forbidden")
-    if kind == "value_error":  # a rule of ours: ConfigErrors name their keys, other messages follow the key
-        return str(ctx["error"]) if isinstance(ctx["error"], ConfigError) else f"{key} {ctx['error']}"
-    if kind == "extra_forbidden":
-        where = key.rpartition(".")[0]
-        return f"unknown key '{key}'; valid keys{' in ' + where if where else ''}: {', '.join(parent.model_fields)}"
-    if kind == "missing":
+def _message(error: ErrorDetails) -> str:
+    """One line for pydantic's error: the dotted key, the bad value and pydantic's words for what is valid.
+    The validators' ConfigErrors name their keys themselves."""
+    key, ctx = _dotted(error["loc"]), error.get("ctx", {})
+    if isinstance(ctx.get("error"), ConfigError):
+        return str(ctx["error"])
+    if error["type"] == "unknown_key":  # from Section._known_keys
+        where = f" in {key}" if key else ""
+        return f"unknown key '{_dotted((*error['loc'], ctx['key']))}'; valid keys{where}: {ctx['valid']}"
+    if error["type"] == "missing":
         return f"missing key '{key}'"
-    if kind == "literal_error":
-        return f"{key} is {value!r}: valid values are {ctx['expected']}"
-    if kind in _EXPECTED:
-        return f"{key or 'params'}: expected {_EXPECTED[kind]}, got {type(value).__name__} {value!r}"
-    bounds = {op: getattr(m, op) for m in (field.metadata if field else ()) for op in _SIGNS if hasattr(m, op)} or {
-        op: bound for op, bound in ctx.items() if op in _SIGNS}  # an optional field's bound is only in ctx
-    low, high = [next((op for op in ops if op in bounds), None) for ops in (("gt", "ge"), ("lt", "le"))]
-    if low and high:  # a range, e.g. "0 <= damp < 1"
-        return (f"{key} is {value!r}: valid is {bounds[low]} {_SIGNS[low].replace('>', '<')} "
-                f"{key.rpartition('.')[2]} {_SIGNS[high]} {bounds[high]}")
-    if low or high:
-        return f"{key} is {value!r}: must be {_SIGNS[low or high]} {bounds[low or high]}"
-    return f"{key}: {error['msg']}"
+    return f"{key or 'params'} is {error['input']!r}: {error['msg'].removeprefix('Value error, ')}"
 
 
-def _locate(loc: tuple, extra: bool):
-    """(dotted key, its pydantic field, the model holding it); skips pydantic's union tags in `loc`."""
-    model, field, parent, key = Params, None, Params, ""
-    for i, part in enumerate(loc):
-        if isinstance(part, int):
-            key += f"[{part}]"
-        elif model is not None and (part in model.model_fields or extra and i == len(loc) - 1):
-            parent, field = model, model.model_fields.get(part)
-            key = f"{key}.{part}" if key else part
-            model = _model_in(field.annotation) if field else None
-    return key, field, parent
-
-
-def _model_in(annotation):
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return annotation
-    return next((m for m in map(_model_in, typing.get_args(annotation)) if m), None)
+def _dotted(loc: tuple) -> str:
+    """("search", "schedule", 0, "survivors") -> "search.schedule[0].survivors", leaving out TextSource's tags."""
+    return "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc if not str(p).startswith("<")).lstrip(".")

@@ -66,7 +66,7 @@ def main(params, say, group):
                     "corpus": corpus, "config": model.config.to_dict()}
         (tmp / RESOLVED.name).write_text(json.dumps(resolved, indent=2, default=str))
     checkpoint.unlink(missing_ok=True)
-    tracking.log_figure(training_curve(losses, "demo pretraining"), "pretrain_loss.png")
+    tracking.log_figure(training_curve(losses, "demo pretraining"), "plots/pretrain_loss.png")
     return {"parameters": count_params(model), "final_loss": sum(losses[-20:]) / len(losses[-20:])}
 
 

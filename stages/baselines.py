@@ -74,8 +74,8 @@ def main(params, say, group):
         rows.append(r)
         del model
     write_text(BASELINE_PANEL, pd.DataFrame(rows).to_csv(index=False))
-    tracking.log_table(rows, "baselines.json")
-    tracking.log_figure(baseline_panel(rows), "baselines.png")
+    tracking.log_table(pd.DataFrame(rows), "baselines.json")
+    tracking.log_figure(baseline_panel(rows), "plots/baselines.png")
     numbers = ("prunable_params", "removed_fraction", "within_tolerance", "ppl_oneshot", "kl", "ppl_finetuned")
     panel = {r["method"]: {k: r[k] for k in ("database", *numbers) if k in r} for r in rows}
     tracking.log_metrics({"panel": panel})

@@ -63,7 +63,7 @@ def main(params, say, group):
     if not group.is_main:
         return {}
     move_dir_into_place(work, DATABASE)
-    tracking.log_figure(obs_losses(manifest["obs_loss"], p.method), "obs_loss.png")
+    tracking.log_figure(obs_losses(manifest["obs_loss"], p.method), "plots/obs_loss.png")
     total = {m: sum(layer[len(layer) // 2] for layer in manifest["obs_loss"][m]) for m in MODULE_TYPES}
     return {"levels": p.levels, "obs_loss_half_level": total}
 

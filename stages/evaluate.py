@@ -1,6 +1,8 @@
 """Stage evaluate: perplexity on the held-out eval set of the dense model, the searched and the
 uniform models (one-shot and finetuned), sizes, and one self-contained MLflow run for comparison."""
 
+import pandas as pd
+
 from pipeline.data import load_tokens
 from pipeline.evaluate import clearly_faster, llama_cpp_speed, measure_speed, perplexity, run_lm_eval
 from pipeline.model.export import load_pruned
@@ -45,7 +47,7 @@ def main(params, say, group):
     upstream = {stage: read_json(metrics_path(stage)).get("mlflow_run_id") for stage in UPSTREAM}
     tracking.set_tags({f"upstream.{stage.replace('@', '_')}": run_id for stage, run_id in upstream.items() if run_id})
     tracking.log_figure(layer_structure(structures, db.structure.num_heads, db.structure.intermediate_size),
-                        "layer_structure.png")
+                        "plots/layer_structure.png")
     metrics = {
         "ppl": {"dense": ppl["dense"], "searched_oneshot": ppl["searched_oneshot"],
                 "searched_finetuned": ppl["searched_finetuned"], "uniform_oneshot": ppl["uniform_oneshot"],
@@ -60,9 +62,9 @@ def main(params, say, group):
         **lm_eval,
     }
     panel_rows = [{"method": name, **row} for name, row in metrics["panel"].items()]
-    tracking.log_table(panel_rows, "panel.json")
     if panel_rows:
-        tracking.log_figure(baseline_panel(panel_rows), "baselines.png")
+        tracking.log_table(pd.DataFrame(panel_rows), "panel.json")
+        tracking.log_figure(baseline_panel(panel_rows), "plots/baselines.png")
     tracking.log_metrics({k: v for k, v in metrics.items() if k in ("ppl", "gain_over_uniform", "params", "speed",
                                                                      "speedup", "llama_cpp", "lm_eval", "panel")})
     prefix = params.tracking.register_as

@@ -90,7 +90,7 @@ def main(name, params, say, group):
     write_text(PLOTS / f"finetune_{name}_loss.csv", pd.DataFrame({"step": range(1, len(losses) + 1),
                                                                   "loss": losses}).to_csv(index=False))
     if losses:
-        tracking.log_figure(training_curve(losses, f"finetune {name}"), f"finetune_{name}_loss.png")
+        tracking.log_figure(training_curve(losses, f"finetune {name}"), f"plots/finetune_{name}_loss.png")
     checkpoint.unlink(missing_ok=True)
     return {"parameters": count_params(model), "final_loss": sum(losses[-10:]) / max(1, len(losses[-10:])),
             "eval_ppl": results["pruned and trained"], "eval_ppl_oneshot": oneshot_ppl}

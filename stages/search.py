@@ -89,13 +89,14 @@ def main(params, say, group):
     write_text(SEARCH_HISTORY, pd.DataFrame(state.history).to_csv(index=False))
     kept = prunable_params(db, state.parent)
     write_json(levels_path("searched"), {**state.parent, "prunable_params": kept, "removed_fraction": 1 - kept / dense})
-    tracking.log_figure(search_curve(state.history), "search_curve.png")
+    tracking.log_figure(search_curve(state.history), "plots/search_curve.png")
     table = _structure_table(db, state.parent, start)
     write_text(SEARCH_STRUCTURE, table.to_csv(index=False))
     tracking.log_figure(layer_structure({kind: {"heads": list(table[f"heads_{kind}"]),
                                                 "neurons": list(table[f"neurons_{kind}"])}
                                          for kind in ("searched", "uniform")},
-                                        db.structure.num_heads, db.structure.intermediate_size), "layer_structure.png")
+                                        db.structure.num_heads, db.structure.intermediate_size),
+                        "plots/layer_structure.png")
     tracking.log_dict(state.parent, "levels.json")
     say(f"searched levels {state.parent['attn']} (attn) {state.parent['mlp']} (mlp); "
         f"{p.fitness} on the whole fitness set {start_fitness:.5f} (uniform) -> {final_fitness:.5f}")

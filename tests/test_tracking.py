@@ -12,6 +12,7 @@ from pipeline.run.tracking import flatten, stage_run  # isort: skip
 
 import matplotlib
 import mlflow
+import pandas as pd
 import pytest
 from mlflow import MlflowClient
 from mlflow.entities import LoggedModelStatus
@@ -74,22 +75,23 @@ def _stage(name, stage_params=None, all_params=ALL_PARAMS, **kw):
     return stage_run(name, stage_params if stage_params is not None else {}, all_params, EXPERIMENT, **kw)
 
 
+def _parent(run):
+    return run.data.tags["mlflow.parentRunId"]
+
+
 def test_flatten():
     assert flatten({"search": {"target": 0.5, "inner": {"k": 1}}, "top": "x"}) == {
         "search.target": 0.5, "search.inner.k": 1, "top": "x"}
-    assert flatten({"a": [1, 2], "b": {"c": [{"d": 1}]}, "e": {}, "n": None}) == {
-        "a": "[1, 2]", "b.c": '[{"d": 1}]', "e": "{}", "n": None}
-    assert flatten({"x": 1}, prefix="p") == {"p.x": 1}
+    assert flatten({"a": [1, 2], "b": {"c": [{"d": 1}]}, "t": (1,), "e": {}, "n": None, "x@y,z": 1}) == {
+        "a": "[1, 2]", "b.c": '[{"d": 1}]', "t": "[1]", "n": None, "x_y_z": 1}
 
 
-def test_store_location_follows_dvc_root_then_git_then_cwd(repo, tmp_path, monkeypatch):
-    assert tracking.tracking_root() == repo
+def test_store_location_follows_dvc_root_then_cwd(repo, tmp_path, monkeypatch):
     assert tracking.tracking_uri() == f"sqlite:///{repo}/mlflow.db"
     plain = tmp_path / "plain"
     plain.mkdir()
-    monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path))  # no repo above `plain`
     monkeypatch.chdir(plain)
-    assert tracking.tracking_root() == plain
+    assert tracking.tracking_uri() == f"sqlite:///{plain}/mlflow.db"
     monkeypatch.setenv("DVC_ROOT", str(repo))
     assert tracking.tracking_uri() == f"sqlite:///{repo}/mlflow.db"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:////elsewhere/x.db")
@@ -104,12 +106,15 @@ def test_default_store_and_artifacts_land_under_dvc_root(repo, tmp_path, monkeyp
     fig, ax = plt.subplots()
     ax.plot([0, 1], [1, 0])
     with _stage("database") as run:
-        tracking.log_figure(fig, "curve")
-        tracking.log_dict({"a": [1, 2], "p": Path("x")}, "summary")
+        tracking.log_figure(fig, "plots/curve.png")
+        tracking.log_dict({"a": [1, 2], "p": "x"}, "summary.json")
+        tracking.log_table(pd.DataFrame([{"method": "flap", "ppl": 3.5}, {"method": "cfsp", "kl": 0.1}]), "panel.json")
     plt.close(fig)
     png = repo / "mlartifacts" / run.info.run_id / "artifacts" / "plots" / "curve.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (repo / "mlartifacts" / run.info.run_id / "artifacts" / "summary.json").is_file()
+    table = _client(repo).load_table(run.info.experiment_id, "panel.json", [run.info.run_id])
+    assert list(table.columns) == ["method", "ppl", "kl"] and list(table["method"]) == ["flap", "cfsp"]
     assert [f.path for f in _client(repo).list_artifacts(run.info.run_id, "plots")] == ["plots/curve.png"]
     assert list(work.iterdir()) == []  # nothing (no mlruns/) in the cwd
 
@@ -121,14 +126,14 @@ def test_stages_of_one_execution_share_a_parent(repo):
     with _stage("finetune@searched", {"finetune": {"steps": 10}}) as b:
         pass
     client = _client(repo)
-    parent_id = a.info.parent_run_id
-    assert parent_id and parent_id == b.info.parent_run_id
+    parent_id = _parent(a)
+    assert parent_id and parent_id == _parent(b)
     assert {r.info.run_id for r in _children(client, parent_id)} == {a.info.run_id, b.info.run_id}
 
     parent = client.get_run(parent_id)
     assert parent.info.status == "RUNNING"
     assert parent.data.tags["darwinlm.role"] == "pipeline"
-    assert parent.data.tags["pipeline_key"] == a.pipeline_key and len(a.pipeline_key) == 16
+    assert parent.data.tags["pipeline_key"] == a.data.tags["pipeline_key"] and len(parent.data.tags["pipeline_key"]) == 16
     assert parent.data.tags["mlflow.runName"] == "pipeline workspace"
     assert parent.data.params["search.target"] == "0.5"  # the full params, for comparing pipelines
 
@@ -152,7 +157,7 @@ def test_params_hash_and_key_ignore_dict_order(repo):
     with _stage("search", {"a": {"x": 1, "y": 2}, "b": 1}, reordered) as b:
         pass
     client = _client(repo)
-    assert a.info.parent_run_id == b.info.parent_run_id
+    assert _parent(a) == _parent(b)
     assert (client.get_run(a.info.run_id).data.tags["params_hash"]
             == client.get_run(b.info.run_id).data.tags["params_hash"])
 
@@ -164,11 +169,11 @@ def test_failing_stage_is_failed_reraises_and_leaves_the_parent_open(repo):
     failed = client.get_run(run.info.run_id)
     assert failed.info.status == "FAILED"
     assert "boom" in failed.data.tags["darwinlm.error"]
-    assert client.get_run(run.info.parent_run_id).info.status == "RUNNING"
+    assert client.get_run(_parent(run)).info.status == "RUNNING"
     assert mlflow.active_run() is None
     with _stage("search") as retry:  # the retry continues the same pipeline execution
         pass
-    assert retry.info.parent_run_id == run.info.parent_run_id
+    assert _parent(retry) == _parent(run)
 
 
 def test_close_pipeline_finishes_the_parent_and_the_next_execution_gets_a_new_one(repo):
@@ -178,18 +183,18 @@ def test_close_pipeline_finishes_the_parent_and_the_next_execution_gets_a_new_on
         with _stage("evaluate", close_pipeline=True):
             raise ValueError
     client = _client(repo)
-    assert client.get_run(first.info.parent_run_id).info.status == "RUNNING"
+    assert client.get_run(_parent(first)).info.status == "RUNNING"
     with _stage("evaluate", close_pipeline=True) as last:
         pass
-    assert last.info.parent_run_id == first.info.parent_run_id
-    assert client.get_run(first.info.parent_run_id).info.status == "FINISHED"
+    assert _parent(last) == _parent(first)
+    assert client.get_run(_parent(first)).info.status == "FINISHED"
     assert client.get_run(last.info.run_id).info.status == "FINISHED"
 
     with _stage("database") as again:  # same commit, experiment and params: a new execution
         pass
-    assert again.pipeline_key == first.pipeline_key
-    assert again.info.parent_run_id != first.info.parent_run_id
-    assert client.get_run(again.info.parent_run_id).info.status == "RUNNING"
+    assert again.data.tags["pipeline_key"] == first.data.tags["pipeline_key"]
+    assert _parent(again) != _parent(first)
+    assert client.get_run(_parent(again)).info.status == "RUNNING"
 
 
 def test_experiment_name_commit_and_params_each_give_their_own_parent(repo, monkeypatch):
@@ -203,11 +208,11 @@ def test_experiment_name_commit_and_params_each_give_their_own_parent(repo, monk
     _git(repo, "commit", "-q", "--allow-empty", "-m", "second")
     with _stage("database") as other_commit:
         pass
-    parents = {r.info.parent_run_id for r in (base, named, other_params, other_commit)}
+    parents = {_parent(r) for r in (base, named, other_params, other_commit)}
     assert len(parents) == 4
     client = _client(repo)
-    assert client.get_run(named.info.parent_run_id).data.tags["dvc_experiment"] == "exp-a1b2"
-    assert client.get_run(named.info.parent_run_id).info.run_name == "pipeline exp-a1b2"
+    assert client.get_run(_parent(named)).data.tags["dvc_experiment"] == "exp-a1b2"
+    assert client.get_run(_parent(named)).info.run_name == "pipeline exp-a1b2"
     assert client.get_run(named.info.run_id).data.tags["dvc_experiment"] == "exp-a1b2"
 
 
@@ -242,7 +247,7 @@ def test_explicit_tracking_uri_keeps_artifacts_next_to_the_db(repo, tmp_path, mo
     shutil.copy(template_db, store / "custom.db")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{store / 'custom.db'}")
     with _stage("database") as run:
-        tracking.log_dict({"a": 1}, "summary")
+        tracking.log_dict({"a": 1}, "summary.json")
     assert (store / "mlartifacts" / run.info.run_id / "artifacts" / "summary.json").is_file()
     client = MlflowClient(tracking_uri=f"sqlite:///{store / 'custom.db'}")
     assert client.get_run(run.info.run_id).data.tags["stage"] == "database"
@@ -257,15 +262,18 @@ def test_disabled_touches_no_store_and_helpers_are_no_ops(tmp_path, monkeypatch)
     monkeypatch.chdir(tmp_path)
     fig = plt.figure()
     with _stage("database", {"a": 1}, enabled=False) as run:
-        assert run.info.run_id is None
+        assert run is None
         tracking.log_metrics({"loss": 1.0}, step=0)
-        tracking.log_figure(fig, "x")
+        tracking.log_figure(fig, "plots/x.png")
         tracking.log_dict({"a": 1}, "d.json")
+        tracking.log_table(pd.DataFrame([{"a": 1}]), "t.json")
+        tracking.log_artifact(__file__, "files")
         tracking.set_tags({"a": "b"})
     plt.close(fig)
     with pytest.raises(KeyError), _stage("evaluate", enabled=False, close_pipeline=True):
         raise KeyError("x")
     tracking.log_metrics({"loss": 1.0})  # outside any stage_run: also a no-op
+    tracking.log_dict({"a": 1}, "d.json")
     assert list(tmp_path.iterdir()) == []
     assert mlflow.active_run() is None
 

@@ -54,7 +54,7 @@ def run_stage(name: str, sections: tuple[str, ...], body: Body, close_pipeline: 
             metrics = body(params, say, group)
             metrics["seconds"] = round(time.time() - started, 2)
             tracking.log_metrics({"seconds": metrics["seconds"]})
-            metrics["mlflow_run_id"] = run.info.run_id
+            metrics["mlflow_run_id"] = run.info.run_id if run else None
             if group.is_main:
                 write_json(metrics_path(name), metrics)
     except USER_ERRORS as err:
