@@ -1,7 +1,7 @@
 """Seconds per generation of the demo's own search (training-aware selection on), before and after, in one run.
 
 Runs on the demo's outputs (`dvc repro` first). Three variants, interleaved (A B C A B C ...), each repeat a
-fresh process measuring 4 generations from the uniform start with the old level-sum budget, so that all three
+fresh process measuring 6 generations from the uniform start with the old level-sum budget, so that all three
 do the same work and must choose the same parents:
 
 - `before`: commit 7175937 (the code when the speed issue was filed), checked out into a temporary git
@@ -24,7 +24,7 @@ import tempfile
 from pathlib import Path
 
 BEFORE = "7175937"
-GENERATIONS = 4
+GENERATIONS = 6
 ROOT = Path(__file__).resolve().parents[1]
 
 # Run inside each variant's checkout (cwd), so that its own `pipeline` package is imported.
