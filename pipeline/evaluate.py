@@ -122,10 +122,10 @@ def spread(samples: list[float]) -> float:
     return (max(samples) - min(samples)) / statistics.median(samples)
 
 
-def clearly_faster(fast: list[float], slow: list[float]) -> bool:
-    """Every run of `fast` beat every run of `slow` (times: lower is faster); when the two ranges overlap,
-    a ratio of their medians says nothing the machine's noise could not have made."""
-    return max(fast) < min(slow)
+def ranges_apart(a: list[float], b: list[float]) -> bool:
+    """Every run of one beat every run of the other; when the two ranges overlap, a ratio of their medians
+    says nothing the machine's noise could not have made."""
+    return max(a) < min(b) or max(b) < min(a)
 
 
 def llama_cpp_speed(paths: dict[str, str | Path], *, prompt_len: int = 128, decode_tokens: int = 32,
@@ -133,7 +133,7 @@ def llama_cpp_speed(paths: dict[str, str | Path], *, prompt_len: int = 128, deco
     """Prefill tokens/s and decode ms/token of GGUF files in llama.cpp (flash attention on, f16 KV cache,
     the same threads for all), measured interleaved: round after round, each model once (A B C A B C ...),
     so a change of the machine's load falls on all alike. Medians of `repeats` rounds after `warmup`,
-    with each figure's spread; `*_times` keep the raw seconds for `clearly_faster`."""
+    with each figure's spread; `*_times` keep the raw seconds for `ranges_apart`."""
     threads = threads or torch.get_num_threads()
     models = {name: llama_cpp_model(path, n_ctx=prompt_len + decode_tokens, n_batch=prompt_len, n_ubatch=prompt_len,
                                     n_threads=threads, n_threads_batch=threads, flash_attn=True)

@@ -4,7 +4,7 @@ uniform models (one-shot and finetuned), sizes, and one self-contained MLflow ru
 import pandas as pd
 
 from pipeline.data import load_tokens
-from pipeline.evaluate import clearly_faster, llama_cpp_speed, measure_speed, perplexity, run_lm_eval
+from pipeline.evaluate import llama_cpp_speed, measure_speed, perplexity, ranges_apart, run_lm_eval
 from pipeline.model.export import load_pruned
 from pipeline.model.materialize import materialize
 from pipeline.model.structure import count_params, dense_source
@@ -143,11 +143,9 @@ def _llama_cpp_speeds(p, say) -> dict:
             "prefill": m["prefill_tokens_per_s"] / dense["prefill_tokens_per_s"],
             "decode": dense["decode_ms_per_token"] / m["decode_ms_per_token"],
             "expected_from_bytes": sizes["dense"] / sizes[name],
-            # 1 when every run of the faster of the two beat every run of the other, 0 when their ranges overlap
-            "prefill_beyond_spread": int(clearly_faster(m["prefill_times"], dense["prefill_times"])
-                                         or clearly_faster(dense["prefill_times"], m["prefill_times"])),
-            "decode_beyond_spread": int(clearly_faster(m["decode_times"], dense["decode_times"])
-                                        or clearly_faster(dense["decode_times"], m["decode_times"]))}
+            # 1 when every run of one of the two beat every run of the other, 0 when their ranges overlap
+            "prefill_beyond_spread": int(ranges_apart(m["prefill_times"], dense["prefill_times"])),
+            "decode_beyond_spread": int(ranges_apart(m["decode_times"], dense["decode_times"]))}
     for name, m in measured.items():
         line = (f"llama.cpp {name}: prefill {m['prefill_tokens_per_s']:,.0f} tokens/s (spread "
                 f"{m['prefill_spread']:.0%}), decode {m['decode_ms_per_token']:.2f} ms/token (spread "

@@ -12,7 +12,7 @@ from helpers import SHARED_DATA, byte_level_tokenizer, pruned_by_slicing, tiny_f
 
 from pipeline.config import GGUF_BY_LLAMA_CPP, GGUF_WRITTEN
 from pipeline.errors import ExportError
-from pipeline.evaluate import clearly_faster, llama_cpp_model, llama_cpp_speed, spread
+from pipeline.evaluate import llama_cpp_model, llama_cpp_speed, ranges_apart, spread
 from pipeline.model.gguf_export import (
     LLAMA_CPP_TYPES,
     WRITTEN_TYPES,
@@ -286,8 +286,8 @@ def test_q8_0_perplexity_within_one_percent_of_f16(tmp_path, stories):
 
 def test_spread_and_when_a_speed_ratio_means_something():
     assert spread([1.0, 2.0, 4.0]) == 1.5
-    assert clearly_faster([1.0, 1.1], [1.2, 1.5])
-    assert not clearly_faster([1.0, 1.3], [1.2, 1.5])  # ranges overlap: noise could explain the ratio
+    assert ranges_apart([1.0, 1.1], [1.2, 1.5]) and ranges_apart([1.2, 1.5], [1.0, 1.1])  # either way round
+    assert not ranges_apart([1.0, 1.3], [1.2, 1.5])  # ranges overlap: noise could explain the ratio
 
 
 @needs_llama_cpp

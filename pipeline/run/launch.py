@@ -29,7 +29,10 @@ def relaunch_under_torchrun(modules: tuple[str, ...], params_file: str = "params
     run torchrun yourself with --nnodes and a rendezvous endpoint). A params file that does not read as a
     number of processes leaves the process as it is: the stage's validation then names the problem."""
     argv = sys.orig_argv
-    if launched_by_torchrun() or "-m" not in argv[:-1] or argv[argv.index("-m") + 1] not in modules:
+    if launched_by_torchrun() or "-m" not in argv[:-1]:
+        return
+    module_and_args = argv[argv.index("-m") + 1:]
+    if module_and_args[0] not in modules:
         return
     try:
         with open(params_file) as f:
@@ -38,5 +41,4 @@ def relaunch_under_torchrun(modules: tuple[str, ...], params_file: str = "params
         return
     torchrun = torchrun_path()
     if type(nproc) is int and nproc > 1 and torchrun:
-        start = argv.index("-m") + 1
-        os.execv(torchrun, [torchrun, "--standalone", f"--nproc-per-node={nproc}", "-m", *argv[start:]])
+        os.execv(torchrun, [torchrun, "--standalone", f"--nproc-per-node={nproc}", "-m", *module_and_args])

@@ -283,7 +283,11 @@ class Draw:
     fitness_rows: torch.Tensor
     train_batch: torch.Tensor | None
     train_seed: int | None
-    cost: int  # for sharing work between processes: a trained token costs about 4 scored ones
+
+    @property
+    def cost(self) -> int:
+        """For sharing work between processes: a trained sequence costs about 4 scored ones."""
+        return len(self.fitness_rows) + 4 * (0 if self.train_batch is None else len(self.train_batch))
 
 
 def _draw(stage: SelectionStage, p: SearchParams, fitness_set: torch.Tensor, train_set, rng: random.Random) -> Draw:
@@ -291,10 +295,10 @@ def _draw(stage: SelectionStage, p: SearchParams, fitness_set: torch.Tensor, tra
     n_fit = min(len(fitness_set), max(1, stage.fitness_tokens // seq_len))
     rows = torch.tensor(sorted(rng.sample(range(len(fitness_set)), n_fit)))
     if not (p.tas and stage.train_tokens > 0):
-        return Draw(rows, None, None, n_fit)
+        return Draw(rows, None, None)
     n_train = min(len(train_set), max(1, stage.train_tokens // seq_len))
     train_batch = train_set[torch.tensor(rng.sample(range(len(train_set)), n_train))]
-    return Draw(rows, train_batch, rng.randrange(2**31), n_fit + 4 * n_train)
+    return Draw(rows, train_batch, rng.randrange(2**31))
 
 
 def _score_jobs(swapper: LevelSwapper, jobs: list[tuple[int, Levels]], draws: list[Draw], p: SearchParams,
