@@ -245,6 +245,65 @@ class ExportParams(Section):
     gguf_types: Annotated[list[GgufType], _given("GGUF types, e.g. [f16, q8_0]"), AfterValidator(_distinct)]
 
 
+# llama.cpp's presets of a whole model (llama-quantize's names), made from the dense f16 file
+LlamaPreset = Literal["q8_0", "q6_k", "q5_k_m", "q5_k_s", "q5_1", "q5_0", "q4_k_m", "q4_k_s", "q4_1", "q4_0",
+                      "iq4_nl", "q3_k_l", "q3_k_m", "q3_k_s", "q2_k"]
+LADDER = Literal["f16", "q8_0", "q6_k", "q5_k", "q5_1", "q5_0", "q4_k", "q4_1", "iq4_nl", "q4_0", "q3_k", "q2_k"]
+_SIZE_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+
+
+def parse_budget(value) -> tuple[str, float]:
+    """A file-size budget as ("bytes", n), ("fraction", f) of the dense f16 file, or ("preset", name): the size
+    of llama.cpp's own preset of the dense model. Raises ValueError saying what is valid."""
+    valid = ("give bytes (e.g. 80000000 or '75MB' / '72MiB'), a fraction of the dense f16 file between 0 and 1 "
+             f"(e.g. 0.35), or a llama.cpp preset ({', '.join(typing.get_args(LlamaPreset))})")
+    if isinstance(value, bool):
+        raise ValueError(valid)
+    if isinstance(value, int) and value > 0:
+        return "bytes", value
+    if isinstance(value, float) and 0 < value < 1:
+        return "fraction", value
+    if isinstance(value, str):
+        if value in typing.get_args(LlamaPreset):
+            return "preset", value
+        number = value.upper().rstrip("ABCDEFGHIJKLMNOPQRSTUVWXYZ")
+        unit = value.upper()[len(number):] or "B"
+        try:
+            if unit in _SIZE_UNITS and float(number) > 0:
+                return "bytes", float(number) * _SIZE_UNITS[unit]
+        except ValueError:
+            pass
+    raise ValueError(valid)
+
+
+def _budgets(values: list) -> list:
+    for v in values:
+        try:
+            parse_budget(v)
+        except ValueError as error:
+            raise ValueError(f"{v!r}: {error}") from None
+    _distinct([str(v) for v in values])
+    return values
+
+
+class SizeParams(Section):
+    """Searches at file-size budgets (pipeline/search/joint.py): structure and per-tensor GGUF types together,
+    measured in llama.cpp against llama.cpp's own presets of the dense model at equal bytes. Off while
+    `budgets` is empty (needs llama-cpp-python: requirements-eval.txt)."""
+    budgets: Annotated[list[int | float | str], Strict(False), AfterValidator(_budgets)] = []
+    quant_types: Annotated[list[LADDER], _given("GGUF types, e.g. [q8_0, q6_k, q5_k, q4_k, q3_k]"),
+                           AfterValidator(_distinct)] = ["q8_0", "q6_k", "q5_k", "q4_k", "q3_k"]
+    rows: Annotated[list[Literal["joint", "quant", "structure"]], _given("search rows, e.g. [joint, quant, structure]"),
+                    AfterValidator(_distinct)] = ["joint", "quant", "structure"]
+    structure_type: LADDER = "q8_0"  # the one type of the structure-only row
+    presets: Annotated[list[LlamaPreset], AfterValidator(_distinct)] = ["q8_0", "q6_k", "q5_k_m", "q4_k_m",
+                                                                        "q3_k_m", "q2_k"]
+    generations: Pos = 25  # generations of each byte search (offspring, schedule, fitness: search.*)
+    eval_windows: Pos = 24  # windows of data.seq_len eval tokens measured in llama.cpp
+    speed_repeats: Pos = 3  # interleaved llama.cpp speed rounds per file (medians)
+    cache_mb: Pos = 1024  # quantized tensors kept for reuse during the search
+
+
 class TrackingParams(Section):
     enabled: bool
     experiment: Annotated[str, _given("an MLflow experiment name")]
@@ -270,6 +329,7 @@ class Params(Section):
     finetune: FinetuneParams
     evaluate: EvaluateParams
     export: ExportParams
+    size: SizeParams = SizeParams()
     tracking: TrackingParams
     compute: ComputeParams
 
@@ -289,6 +349,9 @@ class Params(Section):
             raise ConfigError(f"evaluate.speed_gguf_type is '{gguf_type}' but export.gguf_types "
                               f"({', '.join(self.export.gguf_types)}) does not export it: add it there or pick one "
                               "of those")
+        if self.size.budgets and self.size.eval_windows * self.data.seq_len > self.data.eval_tokens:
+            raise ConfigError(f"size.eval_windows ({self.size.eval_windows}) x data.seq_len ({self.data.seq_len}) "
+                              f"exceeds data.eval_tokens ({self.data.eval_tokens})")
         if self.finetune.batch_size % self.compute.nproc:
             raise ConfigError(f"finetune.batch_size ({self.finetune.batch_size}) must be divisible by compute.nproc "
                               f"({self.compute.nproc}): each process trains on an equal share of every batch")

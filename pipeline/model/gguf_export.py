@@ -87,6 +87,9 @@ class ExportReport:
     placeholder_layers: list[str] = field(default_factory=list)
     unquantized_tensors: list[str] = field(default_factory=list)
     bytes: int = 0
+    tensor_types: dict[str, str] = field(default_factory=dict)  # per-tensor types: the type each was written as
+    replaced_types: dict[str, str] = field(default_factory=dict)  # "asked->written" where rows forced another
+    tensor_shapes: list[tuple[str, tuple[int, ...]]] = field(default_factory=list)  # header_only: the index
 
 
 def query_slots(kv_of_query: list[int], num_kv: int) -> tuple[int | None, ...]:
@@ -224,6 +227,61 @@ def layer_tensors(block, layer: DeciLayer, hidden: int, head_dim: int) -> Iterat
         yield "ffn_down.bias", down_bias
 
 
+ROLES = {"attn_q": "q", "attn_k": "k", "attn_v": "v", "attn_output": "o", "ffn_gate": "gate", "ffn_up": "up",
+         "ffn_down": "down", "token_embd": "embd", "output": "output"}
+
+
+def tensor_role(name: str) -> str | None:
+    """The genotype's type gene of a 2-D weight tensor ("q" ... "down", "embd", "output"); None for norms,
+    biases and RoPE factors, which are always f32."""
+    stem = name.rsplit(".", 1)
+    if stem[-1] != "weight":
+        return None
+    return ROLES.get(stem[0].split(".")[-1])
+
+
+def layer_shapes(layer: DeciLayer, hidden: int, head_dim: int, biases: tuple[bool, bool, bool] = (False, False, False)
+                 ) -> list[tuple[str, tuple[int, ...]]]:
+    """(name, numpy shape) of every tensor `layer_tensors` writes for `layer`: the same branches, no data.
+    `biases` = (q/k/v, o_proj, down_proj and gate/up) have biases."""
+    qkv_bias, o_bias, mlp_bias = biases
+    shapes = []
+    if layer.head_count:
+        q_rows = layer.head_count * head_dim
+        kv_rows = layer.kv_heads * head_dim
+        shapes += [("attn_norm.weight", (hidden,)), ("attn_q.weight", (q_rows, hidden)),
+                   ("attn_k.weight", (kv_rows, hidden)), ("attn_v.weight", (kv_rows, hidden))]
+        if qkv_bias and layer.padded_heads != layer.head_count:
+            shapes += [("attn_q.bias", (q_rows,)), ("attn_k.bias", (kv_rows,)), ("attn_v.bias", (kv_rows,))]
+        shapes.append(("attn_output.weight", (hidden, q_rows)))
+        if o_bias:
+            shapes.append(("attn_output.bias", (hidden,)))
+    shapes.append(("ffn_norm.weight", (hidden,)))
+    width = layer.feed_forward_length
+    shapes += [("ffn_gate.weight", (width, hidden)), ("ffn_up.weight", (width, hidden)),
+               ("ffn_down.weight", (hidden, width))]
+    if mlp_bias:
+        shapes += [("ffn_gate.bias", (width,)), ("ffn_up.bias", (width,)), ("ffn_down.bias", (hidden,))]
+    return shapes
+
+
+def deci_output_columns(weight: np.ndarray, slots, head_dim: int) -> np.ndarray:
+    """o_proj as written: its columns (or an importance vector's entries) per query head in llama.cpp's slot
+    order, zeros for padding heads. Quantization blocks run along these rows, so the fitness must quantize
+    this layout, not the model's, to hold what llama.cpp holds."""
+    return np.ascontiguousarray(_heads(np.asarray(weight).T, slots, head_dim).T)
+
+
+def model_output_columns(written: np.ndarray, slots, head_dim: int, heads: int) -> np.ndarray:
+    """The inverse of `deci_output_columns`: the model's o_proj columns (heads in the model's order) from the
+    written layout, padding heads dropped."""
+    out = np.empty((written.shape[0], heads * head_dim), dtype=written.dtype)
+    for s, slot in enumerate(slots):
+        if slot is not None:
+            out[:, slot * head_dim:(slot + 1) * head_dim] = written[:, s * head_dim:(s + 1) * head_dim]
+    return out
+
+
 # --- tokenizer --------------------------------------------------------------------------------
 
 @dataclass
@@ -355,12 +413,23 @@ def _stored(name: str, array: np.ndarray, gguf_type: str) -> tuple[np.ndarray, g
     return array.astype(np.float16), gguf.GGMLQuantizationType.F16, False
 
 
-def write_gguf(model, tokenizer, path: str | os.PathLike, gguf_type: str = "f16", name: str = "pruned") -> ExportReport:
+def write_gguf(model, tokenizer, path: str | os.PathLike, gguf_type: str = "f16", name: str = "pruned",
+               types: dict[str, str] | None = None, importance: dict[str, np.ndarray] | None = None,
+               header_only: bool = False) -> ExportReport:
     """Write `model` (a pruned model of `pipeline.model.pruned_llama` or a dense Llama / Mistral / Qwen2)
-    and its tokenizer as a `deci` GGUF of `gguf_type` (f32, f16, q8_0, or one of `LLAMA_CPP_TYPES`)."""
-    if gguf_type in LLAMA_CPP_TYPES:
+    and its tokenizer as a `deci` GGUF of `gguf_type` (f32, f16, q8_0, or one of `LLAMA_CPP_TYPES`).
+
+    `types` (GGUF tensor name -> a type of `pipeline.quant.types.LADDER_TYPES`, for every 2-D weight): one type
+    per tensor instead (`gguf_type` "mixed"), each quantized by llama.cpp's quantizer with `importance` (GGUF
+    name -> one weight per input column in the model's column order; none: plain quantization); a type that
+    cannot hold a tensor's rows is replaced as `pipeline.quant.types.effective_type` says and reported.
+    `header_only`: write header, metadata and tensor index only (`report.bytes` is then their unpadded size,
+    `report.tensor_shapes` the index)."""
+    if types is not None:
+        gguf_type = "mixed"
+    elif gguf_type in LLAMA_CPP_TYPES:
         return _quantized_by_llama_cpp(model, tokenizer, Path(path), gguf_type, name)
-    if gguf_type not in WRITTEN_TYPES:
+    if gguf_type not in WRITTEN_TYPES and gguf_type != "mixed":
         raise ExportError(f"GGUF type '{gguf_type}'; valid: {', '.join(GGUF_TYPES)}")
     check_exportable(model)
     config = model.config
@@ -385,8 +454,8 @@ def write_gguf(model, tokenizer, path: str | os.PathLike, gguf_type: str = "f16"
 
     writer = gguf.GGUFWriter(os.fspath(path), ARCH)
     writer.add_name(name)
-    writer.add_file_type(int(FILE_TYPES[gguf_type]))
-    if gguf_type == "q8_0":
+    writer.add_file_type(int(FILE_TYPES.get(gguf_type, gguf.LlamaFileType.GUESSED)))
+    if gguf_type != "f16" and gguf_type != "f32":
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     writer.add_block_count(len(layers))
     writer.add_context_length(int(getattr(config, "max_position_embeddings", 2048)))
@@ -415,16 +484,53 @@ def write_gguf(model, tokenizer, path: str | os.PathLike, gguf_type: str = "f16"
             yield "output.weight", _array(model.lm_head.weight)
 
     for tensor_name, array in tensors():
-        data, qtype, fell_back = _stored(tensor_name, array, gguf_type)
+        if header_only:
+            writer.add_tensor_info(tensor_name, array.shape, np.dtype(np.float32), array.nbytes,
+                                   raw_dtype=gguf.GGMLQuantizationType.F32)
+            report.tensor_shapes.append((tensor_name, tuple(array.shape)))
+            continue
+        if types is not None:
+            data, qtype, fell_back = _stored_as(tensor_name, array, types, importance, layers, head_dim, report)
+        else:
+            data, qtype, fell_back = _stored(tensor_name, array, gguf_type)
         if fell_back:
             report.unquantized_tensors.append(tensor_name)
         writer.add_tensor(tensor_name, data, raw_dtype=qtype)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
+    if header_only:
+        writer.write_ti_data_to_file()
+        writer.close()
+        report.bytes = Path(path).stat().st_size
+        return report
     writer.write_tensors_to_file()
     writer.close()
     report.bytes = Path(path).stat().st_size
     return report
+
+
+def _stored_as(name: str, array: np.ndarray, types: dict[str, str], importance: dict | None,
+               layers: list[DeciLayer], head_dim: int, report: ExportReport):
+    """(data, type, fell back) of one tensor at its own type (`write_gguf`'s `types`)."""
+    from pipeline.quant.ggml import quantize
+    from pipeline.quant.types import effective_type, ggml_type
+
+    if tensor_role(name) is None:
+        return array.astype(np.float32), gguf.GGMLQuantizationType.F32, False
+    if name not in types:
+        raise ExportError(f"no GGUF type given for tensor {name}")
+    written = effective_type(types[name], array.shape[-1], array.ndim)
+    weights = None if importance is None else importance.get(name)
+    if weights is not None and name.endswith("attn_output.weight"):
+        layer = layers[int(name.split(".")[1])]
+        weights = deci_output_columns(weights[None, :], layer.query_slots, head_dim)[0] if layer.padded_heads \
+            != layer.head_count else None
+    if weights is not None and not np.any(array):
+        weights = None  # a placeholder of zeros
+    report.tensor_types[name] = written
+    if written != types[name]:
+        report.replaced_types[name] = f"{types[name]}->{written}"
+    return quantize(array, written, weights), ggml_type(written), False
 
 
 def _quantized_by_llama_cpp(model, tokenizer, path: Path, gguf_type: str, name: str) -> ExportReport:

@@ -110,11 +110,11 @@ def offspring(parent: Levels, count: int, max_level: int, rng: random.Random, ma
               across_types: bool = False, accept: Callable[[Levels], bool] | None = None,
               step: int = 1) -> list[Levels]:
     """`count` distinct acceptable children, none equal to the parent (fewer if the space is too small)."""
-    children, seen = [], {_key(parent)}
+    children, seen = [], {genotype_key(parent)}
     for _ in range(count * 50):
         child = mutate(parent, max_level, rng, max_switches, across_types, step)
-        if _key(child) not in seen and (accept is None or accept(child)):
-            seen.add(_key(child))
+        if genotype_key(child) not in seen and (accept is None or accept(child)):
+            seen.add(genotype_key(child))
             children.append(child)
             if len(children) == count:
                 break
@@ -126,8 +126,10 @@ def fitness_rank(score: float) -> tuple[bool, float]:
     return math.isnan(score), score
 
 
-def _key(levels: Levels) -> tuple:
-    return tuple(tuple(levels[m]) for m in MODULE_TYPES)
+def genotype_key(genotype: dict) -> tuple:
+    """Levels, and the per-tensor types of a byte search's genotype (`pipeline.search.joint`)."""
+    types = tuple((g, tuple(v)) for g, v in sorted(genotype.get("types", {}).items()))
+    return (*(tuple(genotype[m]) for m in MODULE_TYPES), types)
 
 
 def params_table(db: Database) -> dict[str, list[list[int]]]:
@@ -228,19 +230,22 @@ def budget_check(p: SearchParams, db: Database, start: Levels) -> Callable[[Leve
 
 def evolve(swapper: LevelSwapper, start: Levels, p: SearchParams, fitness_set: torch.Tensor, teacher: Teacher,
            train_set: torch.Tensor | None = None, on_generation: Callable[[dict, Levels], None] | None = None,
-           checkpoint: Path | None = None, checkpoint_key: str = "", group: Group = SINGLE) -> SearchState:
+           checkpoint: Path | None = None, checkpoint_key: str = "", group: Group = SINGLE,
+           propose: Callable[[dict, random.Random], list[dict]] | None = None) -> SearchState:
     """Run generations until `p.generations`; resumes from `checkpoint` when it holds this search.
+    `propose(parent, rng)`: the offspring of a generation, instead of level switches within the parameter
+    or level budget (the byte search's mutation and repair).
 
     With several processes each scores its share of every stage's candidates; the scores are
     gathered, so every rank makes the same choices from the same random state (rank 0 checkpoints)."""
     state = (SearchState.load(checkpoint, checkpoint_key) if checkpoint else None) or \
         SearchState(parent=start, generation=0, rng=random.Random(p.seed))
-    accept = budget_check(p, swapper.db, start)
+    accept = None if propose else budget_check(p, swapper.db, start)
     max_level = swapper.db.levels
     while state.generation < p.generations:
-        children = offspring(state.parent, p.offspring, max_level, state.rng, p.max_level_switches,
-                             across_types=p.budget == "params", accept=accept,
-                             step=max_level if p.space == "depth" else 1)
+        children = propose(state.parent, state.rng) if propose else offspring(
+            state.parent, p.offspring, max_level, state.rng, p.max_level_switches, across_types=p.budget == "params",
+            accept=accept, step=max_level if p.space == "depth" else 1)
         if not children:
             raise ConfigError(f"search: no offspring of {state.parent} lies within the budget ({p.budget}); "
                               "every module sits at level 0 or K, or search.budget_tolerance is too tight: "
@@ -257,9 +262,9 @@ def evolve(swapper: LevelSwapper, start: Levels, p: SearchParams, fitness_set: t
             if s == last and state.parent not in candidates:
                 candidates = candidates + [state.parent]
             jobs = [(s, c) for c in candidates] + ([(last, state.parent)] if s == 0 < last else [])
-            todo = {(t, _key(c)): (t, c) for t, c in jobs if (t, _key(c)) not in scored}
+            todo = {(t, genotype_key(c)): (t, c) for t, c in jobs if (t, genotype_key(c)) not in scored}
             scored.update(zip(todo, _score_jobs(swapper, list(todo.values()), draws, p, fitness_set, teacher, group)))
-            scores = [scored[(s, _key(c))] for c in candidates]
+            scores = [scored[(s, genotype_key(c))] for c in candidates]
             order = sorted(range(len(candidates)), key=lambda i: fitness_rank(scores[i]))
             candidates = [candidates[i] for i in order[: stage.survivors]]
             record[f"stage{s + 1}_best"] = scores[order[0]]
