@@ -51,7 +51,8 @@ def export_importance(importance: dict[str, torch.Tensor], db, genotype: dict, t
         neurons = db.level_units(layer, MLP, genotype[MLP][layer])
         for name in ("attn_q", "attn_k", "attn_v"):
             out[f"blk.{layer}.{name}.weight"] = arr(f"{layer}.attn_in")
-        out[f"blk.{layer}.attn_output.weight"] = arr(f"{layer}.o_in")[unit_indices(heads, db.structure.head_dim).numpy()]
+        columns = unit_indices(heads, db.structure.head_dim).numpy()
+        out[f"blk.{layer}.attn_output.weight"] = arr(f"{layer}.o_in")[columns]
         out[f"blk.{layer}.ffn_gate.weight"] = out[f"blk.{layer}.ffn_up.weight"] = arr(f"{layer}.mlp_in")
         out[f"blk.{layer}.ffn_down.weight"] = arr(f"{layer}.down_in")[neurons.numpy()]
     out["output.weight"] = arr("output_in")

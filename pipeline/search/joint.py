@@ -279,5 +279,6 @@ class QuantSwapper:
             kind = effective_type(types[gene][0], self.dense[gene].shape[-1])
             if self.applied.get(gene) != kind:
                 imp = self._imp("output_in") if gene == "output" or self.layout.tied else None
-                param.copy_(self._roundtrip((gene, kind), lambda: roundtrip(self.dense[gene], kind, imp)))
+                dense = self.dense[gene]
+                param.copy_(self._roundtrip((gene, kind), lambda d=dense, k=kind, i=imp: roundtrip(d, k, i)))
                 self.applied[gene] = kind
