@@ -293,8 +293,11 @@ class SizeParams(Section):
     budgets: Annotated[list[int | float | str], Strict(False), AfterValidator(_budgets)] = []
     quant_types: Annotated[list[LADDER], _given("GGUF types, e.g. [q8_0, q6_k, q5_k, q4_k, q3_k]"),
                            AfterValidator(_distinct)] = ["q8_0", "q6_k", "q5_k", "q4_k", "q3_k"]
-    rows: Annotated[list[Literal["joint", "quant", "structure"]], _given("search rows, e.g. [joint, quant, structure]"),
-                    AfterValidator(_distinct)] = ["joint", "quant", "structure"]
+    # joint: levels and types | quant: types, levels 0 | structure: levels, every tensor structure_type |
+    # structure_q4_k_m: levels at q4_k, then llama.cpp's own q4_k_m of the pruned model
+    rows: Annotated[list[Literal["joint", "quant", "structure", "structure_q4_k_m"]],
+                    _given("search rows, e.g. [joint, quant, structure]"),
+                    AfterValidator(_distinct)] = ["joint", "quant", "structure", "structure_q4_k_m"]
     structure_type: LADDER = "q8_0"  # the one type of the structure-only row
     presets: Annotated[list[LlamaPreset], AfterValidator(_distinct)] = ["q8_0", "q6_k", "q5_k_m", "q4_k_m",
                                                                         "q3_k_m", "q2_k"]

@@ -221,3 +221,56 @@ def _context_limited_lm(**model_args):
             return super()._loglikelihood_tokens(fitted, *args, **kwargs)
 
     return ContextLimitedLM(**model_args)
+
+
+def gguf_quality(reference: str | Path, paths: dict[str, str | Path], windows: list[list[int]],
+                 threads: int | None = None) -> dict:
+    """In llama.cpp, on token windows no decision saw: each file's KL(P_reference || P_file) per token, top-1
+    agreement with the reference and perplexity, plus the reference's own perplexity (`reference` key). Full
+    vocabulary; the reference's log-probabilities are computed once and kept as float16."""
+    import numpy as np
+
+    threads = threads or torch.get_num_threads()
+    n_ctx = max(len(w) for w in windows)
+
+    def logprobs(llm, window):
+        llm.reset()
+        llm.eval(window)
+        logits = torch.from_numpy(np.array(llm.scores[:len(window)], dtype=np.float32))
+        return torch.log_softmax(logits, dim=-1)
+
+    def load(path):
+        return llama_cpp_model(path, n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, n_threads=threads,
+                               n_threads_batch=threads, logits_all=True)
+
+    def nll(lp, window):
+        return -lp[:-1].gather(-1, torch.tensor(window[1:]).unsqueeze(-1)).sum().item()
+
+    llm = load(reference)
+    dense, dense_nll, tokens = [], 0.0, 0
+    try:
+        for window in windows:
+            lp = logprobs(llm, window)
+            dense.append(lp.half())
+            dense_nll += nll(lp, window)
+            tokens += len(window) - 1
+    finally:
+        llm.close()
+    results = {"reference": {"ppl": math.exp(dense_nll / tokens)}}
+    for name, path in paths.items():
+        llm = load(path)
+        kl = agree = positions = 0.0
+        total_nll = 0.0
+        try:
+            for window, ref in zip(windows, dense):
+                lp = logprobs(llm, window)
+                ref = ref.float()
+                kl += (ref.exp() * (ref - lp)).sum().item()
+                agree += (ref.argmax(-1) == lp.argmax(-1)).sum().item()
+                positions += len(window)
+                total_nll += nll(lp, window)
+        finally:
+            llm.close()
+        results[name] = {"kl": kl / positions, "top1_agreement": agree / positions,
+                         "ppl": math.exp(total_nll / tokens)}
+    return results

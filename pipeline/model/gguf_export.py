@@ -25,7 +25,6 @@ q4_k_m through llama.cpp's own quantizer (`llama_model_quantize` of llama-cpp-py
 """
 from __future__ import annotations
 
-import ctypes
 import json
 import os
 from collections.abc import Iterator
@@ -535,19 +534,12 @@ def _stored_as(name: str, array: np.ndarray, types: dict[str, str], importance: 
 
 def _quantized_by_llama_cpp(model, tokenizer, path: Path, gguf_type: str, name: str) -> ExportReport:
     """Write f16, then let llama.cpp's own quantizer (K-quants: rows of 256) make `gguf_type`."""
-    try:
-        import llama_cpp
-    except ImportError as error:
-        raise ExportError(f"GGUF type '{gguf_type}' is made by llama.cpp's quantizer: install llama-cpp-python "
-                          f"(requirements.txt), or use f32, f16 or q8_0") from error
+    from pipeline.quant.presets import quantize_file
+
     source = path.with_name(f".{path.name}.f16")
     try:
         report = write_gguf(model, tokenizer, source, "f16", name)
-        params = llama_cpp.llama_model_quantize_default_params()
-        params.ftype = getattr(llama_cpp, LLAMA_CPP_TYPES[gguf_type])
-        status = llama_cpp.llama_model_quantize(os.fsencode(source), os.fsencode(path), ctypes.byref(params))
-        if status != 0:
-            raise RuntimeError(f"llama.cpp's quantizer failed ({status}) making {path} from {source}")
+        quantize_file(source, path, gguf_type)
     finally:
         source.unlink(missing_ok=True)
     report.path, report.gguf_type, report.bytes = str(path), gguf_type, path.stat().st_size

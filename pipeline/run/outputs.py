@@ -29,6 +29,10 @@ BASELINE_LEVELS = LEVELS / "baselines"  # one <baseline>.json of levels per base
 BASELINE_PANEL = Path("plots/baselines.csv")  # one row per method: size, one-shot ppl, KL (dvc plots)
 MODELS = {"searched": Path("models/pruned"), "uniform": Path("models/uniform")}
 GGUF = Path("models/gguf")  # llama.cpp files: <dense|searched|uniform>-<type>.gguf
+SIZE = Path("size")  # file-size budgets: size/dense (importance, dense f16 and presets), size/<budget> (searches)
+SIZE_DENSE = SIZE / "dense"
+SIZE_WORK = Path(".darwinlm/size")  # byte searches' checkpoints
+SIZE_PANEL = Path("plots/size_panel.csv")  # one row per file: bytes, KL to dense f16, ... (dvc plots)
 METRICS = Path("metrics")
 PLOTS = Path("plots")
 

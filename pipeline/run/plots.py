@@ -82,3 +82,43 @@ def baseline_panel(rows: list[dict]):
     axes[1].set_yticklabels([])
     fig.tight_layout()
     return fig
+
+
+def size_panel(rows: list[dict]):
+    """KL to the dense f16 model against file bytes, one point per file (llama.cpp's presets, the searches)."""
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for kind, marker in (("preset", "s"), ("preset+imatrix", "D"), ("search", "o")):
+        chosen = [r for r in rows if r["kind"] == kind]
+        if chosen:
+            ax.scatter([r["bytes"] / 1e6 for r in chosen], [r["kl"] for r in chosen], marker=marker, label=kind)
+            for r in chosen:
+                ax.annotate(r["name"], (r["bytes"] / 1e6, r["kl"]), fontsize=7, xytext=(3, 3),
+                            textcoords="offset points")
+    ax.set_yscale("log")
+    ax.set_xlabel("file size (MB)")
+    ax.set_ylabel("KL to dense f16 per token (llama.cpp, held-out text)")
+    ax.legend()
+    fig.tight_layout()
+    return fig
+
+
+def genotype_picture(genotype: dict, kept: dict[str, list[int]], dense_heads: int, dense_neurons: int,
+                     bits: dict[str, list[float]], title: str):
+    """What a byte search chose per layer: kept query heads and MLP neurons, and each tensor's bits per weight."""
+    layers = range(len(genotype["attn"]))
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(10, 6), sharex=True)
+    top.bar([x - 0.2 for x in layers], [h / dense_heads for h in kept["heads"]], width=0.4,
+            label="query heads kept")
+    top.bar([x + 0.2 for x in layers], [n / dense_neurons for n in kept["neurons"]], width=0.4,
+            label="MLP neurons kept")
+    top.set_ylabel("fraction kept")
+    top.set_ylim(0, 1.05)
+    top.legend(fontsize=8)
+    genes = list(bits)
+    image = bottom.imshow([bits[g] for g in genes], aspect="auto", cmap="viridis", vmin=2, vmax=16)
+    bottom.set_yticks(range(len(genes)), genes)
+    bottom.set_xlabel("layer")
+    fig.colorbar(image, ax=bottom, label="bits per weight")
+    top.set_title(title)
+    fig.tight_layout()
+    return fig
