@@ -193,16 +193,19 @@ class SearchParams(Section):
 
     @model_validator(mode="after")
     def _schedule_shrinks_to_one(self):
-        previous = self.offspring
-        for i, stage in enumerate(self.schedule):
-            if stage.survivors > previous:
-                raise ConfigError(f"search.schedule[{i}].survivors ({stage.survivors}) exceeds the candidates "
-                                  f"entering that stage ({previous}); survivors must shrink stage by stage")
-            previous = stage.survivors
-        if previous != 1:
-            raise ConfigError(f"search.schedule[-1].survivors is {previous}: "
-                              "the last stage must keep exactly 1 (the next parent)")
+        check_schedule(self.schedule, self.offspring, "search.schedule")
         return self
+
+
+def check_schedule(schedule, offspring: int, key: str) -> None:
+    previous = offspring
+    for i, stage in enumerate(schedule):
+        if stage.survivors > previous:
+            raise ConfigError(f"{key}[{i}].survivors ({stage.survivors}) exceeds the candidates "
+                              f"entering that stage ({previous}); survivors must shrink stage by stage")
+        previous = stage.survivors
+    if previous != 1:
+        raise ConfigError(f"{key}[-1].survivors is {previous}: the last stage must keep exactly 1 (the next parent)")
 
 
 class FinetuneParams(Section):
@@ -301,7 +304,9 @@ class SizeParams(Section):
     structure_type: LADDER = "q8_0"  # the one type of the structure-only row
     presets: Annotated[list[LlamaPreset], AfterValidator(_distinct)] = ["q8_0", "q6_k", "q5_k_m", "q4_k_m",
                                                                         "q3_k_m", "q2_k"]
-    generations: Pos = 25  # generations of each byte search (offspring, schedule, fitness: search.*)
+    generations: Pos = 25  # generations of each byte search (offspring and fitness: search.*)
+    # the byte searches' selection (training-aware selection is off there); None: search.schedule
+    schedule: Annotated[tuple[SelectionStage, ...] | None, Strict(False)] = None
     eval_windows: Pos = 24  # windows of data.seq_len eval tokens measured in llama.cpp
     speed_repeats: Pos = 3  # interleaved llama.cpp speed rounds per file (medians)
     cache_mb: Pos = 1024  # quantized tensors kept for reuse during the search
@@ -342,6 +347,11 @@ class Params(Section):
 
     @model_validator(mode="after")
     def _sections_agree(self):
+        if self.size.schedule is not None:
+            check_schedule(self.size.schedule, self.search.offspring, "size.schedule")
+            if bad := [st.fitness_tokens for st in self.size.schedule if st.fitness_tokens > self.data.fitness_tokens]:
+                raise ConfigError(f"size.schedule asks for {bad[0]} fitness tokens, more than data.fitness_tokens "
+                                  f"({self.data.fitness_tokens})")
         for i, stage in enumerate(self.search.schedule):
             for kind in ("fitness", "train"):
                 asked, available = getattr(stage, f"{kind}_tokens"), getattr(self.data, f"{kind}_tokens")

@@ -48,16 +48,18 @@ def row_ladder(row: str, params) -> tuple[list[str], bool]:
 
 def main(params, say, group):
     budget_name = sys.argv[1]
-    if str(budget_name) not in [str(b) for b in params.size.budgets]:
+    given = [b for b in params.size.budgets if str(b) == budget_name]  # as typed in params.yaml (0.35 is no string)
+    if not given:
         raise ConfigError(f"size budget '{budget_name}' is not in size.budgets ({params.size.budgets})")
     sizes = read_json(SIZE_DENSE / "sizes.json")
-    budget = budget_bytes(budget_name, sizes)
+    budget = budget_bytes(given[0], sizes)
     db, model, tokenizer = open_with_dense_model(params, group.device)
     dense = copy.deepcopy(model)  # the search's model holds quantized weights; exports start from the dense ones
     importance = load_importance()
     SIZE_WORK.mkdir(parents=True, exist_ok=True)
     layout = file_layout(db, model, tokenizer, SIZE_WORK / f".header-{budget_name}-{group.rank}.gguf")
-    p = params.search.model_copy(update={"generations": params.size.generations, "tas": False})
+    p = params.search.model_copy(update={"generations": params.size.generations, "tas": False,
+                                         "schedule": params.size.schedule or params.search.schedule})
     fitness_set = load_tokens("fitness")
     teacher = teacher_targets(model, fitness_set, p.batch_size, p.fitness, p.topk)
     swapper = QuantSwapper(model, db, layout, importance, params.size.cache_mb * 2**20)

@@ -12,7 +12,7 @@ from pipeline.model.gguf_export import tensor_role
 from pipeline.quant.budget import LAYER_GENES
 from pipeline.quant.types import bits_per_weight
 from pipeline.run import tracking
-from pipeline.run.outputs import PLOTS, SIZE, SIZE_DENSE, SIZE_PANEL, read_json, write_text
+from pipeline.run.outputs import PLOTS, SIZE, SIZE_DENSE, SIZE_PANEL, atomic_dir, read_json, write_text
 from pipeline.run.plots import genotype_picture, size_panel
 from pipeline.run.stage import run_stage
 
@@ -38,8 +38,11 @@ def files(params) -> dict[str, dict]:
 
 def main(params, say, group):
     s = params.size
+    pictures = PLOTS / "size"
     if not s.budgets:
         write_text(SIZE_PANEL, ",".join(COLUMNS) + "\n")
+        with atomic_dir(pictures) as tmp:
+            (tmp / "README.md").write_text("No file-size budgets (size.budgets is empty).\n")
         say("size.budgets is empty: nothing to measure")
         return {"skipped": True}
     measured = files(params)
@@ -66,11 +69,14 @@ def main(params, say, group):
     write_text(SIZE_PANEL, table.to_csv(index=False))
     tracking.log_table(table, "size_panel.json")
     tracking.log_figure(size_panel([r for r in rows if r["kind"] != "reference"]), "plots/size_panel.png")
-    for budget in s.budgets:
-        for row in s.rows:
-            path = SIZE / str(budget) / f"{row}.json"
-            if path.is_file():
-                _picture(read_json(path), f"{row} at {budget}", PLOTS / "size" / f"{budget}-{row}.png")
+    with atomic_dir(pictures) as tmp:
+        (tmp / "README.md").write_text("Per budget and search row: kept heads / neurons and bits per weight per "
+                                       "layer, as the search chose them.\n")
+        for budget in s.budgets:
+            for row in s.rows:
+                path = SIZE / str(budget) / f"{row}.json"
+                if path.is_file():
+                    _picture(read_json(path), f"{row} at {budget}", tmp / f"{budget}-{row}.png")
     for row in rows:
         mark = "" if row["within_tolerance"] in ("", True) else "  (OFF BUDGET)"
         say(f"{row['name']:28s} {row['bytes'] / 1e6:8.1f} MB {row['bits_per_weight']:5.2f} bpw  KL {row['kl']:.4f}  "
@@ -95,7 +101,6 @@ def _picture(record: dict, title: str, out) -> None:
             bits[tensor_role(name)][int(name.split(".")[1])] = bits_per_weight(kind)
     fig = genotype_picture(record["genotype"], {"heads": record["kept_heads"], "neurons": record["kept_neurons"]},
                            record["dense_heads"], record["dense_neurons"], bits, title)
-    out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=90)
     tracking.log_figure(fig, f"plots/size/{out.name}")
 

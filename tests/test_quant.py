@@ -163,3 +163,63 @@ def test_bad_budgets_are_refused(value):
 def test_tensor_bytes_match_gguf_sizes():
     for kind, (block, size) in (("q4_k", (256, 144)), ("q8_0", (32, 34)), ("iq4_nl", (32, 18))):
         assert tensor_bytes((3, 2 * block), kind) == 3 * 2 * size
+
+
+def space_for(setting, ladder, move_levels, budget_fraction):
+    from pipeline.search.joint import Space, ladder_order, uniform_genotype
+    _, db, _, layout, _, _ = setting
+    top = layout.file_bytes(uniform_genotype(layout, 3, 0, "q8_0"))
+    return Space(layout, ladder_order(ladder), db.levels, move_levels, int(top * budget_fraction), 0.01)
+
+
+@pytest.mark.parametrize("ladder,move_levels,fraction", [(LADDER, True, 0.45), (LADDER, False, 0.6),
+                                                        (["q8_0"], True, 0.7)])
+def test_byte_offspring_stay_in_the_band_on_their_axes(setting, ladder, move_levels, fraction):
+    from pipeline.search.joint import byte_offspring, start_genotype
+    space = space_for(setting, ladder, move_levels, fraction)
+    rng = random.Random(0)
+    start = start_genotype(space, 3, rng)
+    assert space.within(start)
+    children = byte_offspring(start, 12, space, rng, 3)
+    assert len(children) >= 6
+    for child in children:
+        assert space.within(child) and child != start
+        if not move_levels:
+            assert child["attn"] == [0, 0, 0] and child["mlp"] == [0, 0, 0]
+        if len(ladder) == 1:
+            assert all(t == ladder[0] for v in child["types"].values() for t in v)
+
+
+def test_an_unreachable_budget_is_refused(setting):
+    from pipeline.search.joint import start_genotype
+    space = space_for(setting, ["q8_0"], False, 0.5)  # dense q8_0 cannot halve without pruning
+    with pytest.raises(ValueError, match="smallest genotype"):
+        start_genotype(space, 3, random.Random(0))
+
+
+def test_the_byte_search_improves_on_its_start_within_the_budget(setting):
+    """A few generations of the joint search on the tiny model: every parent lies in the byte band, and the
+    search ends with a lower KL on the whole fitness set than its start."""
+    import copy
+
+    from helpers import shipped
+
+    from pipeline.config import SelectionStage
+    from pipeline.search.evolution import evolve
+    from pipeline.search.fitness import fitness, teacher_targets
+    from pipeline.search.joint import QuantSwapper, byte_offspring, start_genotype
+    model, db, _, layout, importance, tokens = setting
+    space = space_for(setting, LADDER, True, 0.45)
+    p = shipped("search", generations=4, offspring=6, tas=False, fitness="kl",
+                schedule=(SelectionStage(survivors=2, fitness_tokens=128), SelectionStage(survivors=1, fitness_tokens=256)))
+    teacher = teacher_targets(model, tokens, 8, "kl")
+    swapper = QuantSwapper(copy.deepcopy(model), db, layout, importance, 2**28)
+    start = start_genotype(space, 3, random.Random(0))
+    swapper.apply(start)
+    first = fitness(swapper.model, tokens, teacher, 8)
+    parents = []
+    state = evolve(swapper, start, p, tokens, teacher, on_generation=lambda r, parent: parents.append(parent),
+                   propose=lambda parent, rng: byte_offspring(parent, p.offspring, space, rng, 3))
+    assert all(space.within(g) for g in parents)
+    swapper.apply(state.parent)
+    assert fitness(swapper.model, tokens, teacher, 8) < first

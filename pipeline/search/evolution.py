@@ -246,6 +246,8 @@ def evolve(swapper: LevelSwapper, start: Levels, p: SearchParams, fitness_set: t
         children = propose(state.parent, state.rng) if propose else offspring(
             state.parent, p.offspring, max_level, state.rng, p.max_level_switches, across_types=p.budget == "params",
             accept=accept, step=max_level if p.space == "depth" else 1)
+        if not children and propose:
+            break  # nothing reachable from the parent within the budget (e.g. the dense model already fits)
         if not children:
             raise ConfigError(f"search: no offspring of {state.parent} lies within the budget ({p.budget}); "
                               "every module sits at level 0 or K, or search.budget_tolerance is too tight: "
