@@ -16,6 +16,7 @@ from pipeline.model.materialize import materialize
 from pipeline.model.structure import dense_source
 from pipeline.pruning.database import MANIFEST, open_with_dense_model
 from pipeline.quant.budget import export_types, file_layout
+from pipeline.quant.export import write_typed_gguf
 from pipeline.quant.importance import export_importance
 from pipeline.run import tracking
 from pipeline.run.hashing import inputs_key
@@ -104,8 +105,8 @@ def main(params, say, group):
             if row == "structure_q4_k_m":
                 report = write_gguf(pruned, tokenizer, path, "q4_k_m", name=name)
             else:
-                report = write_gguf(pruned, tokenizer, path, name=name, types=export_types(layout, genotype),
-                                    importance=export_importance(importance, db, genotype, layout.tied))
+                report = write_typed_gguf(pruned, tokenizer, path, export_types(layout, genotype),
+                                          export_importance(importance, db, genotype, layout.tied), name=name)
                 if report.bytes != counted:
                     raise RuntimeError(f"{path}: {report.bytes:,} bytes written, {counted:,} counted by the search")
             results[row] = {"reachable": True, "bytes": report.bytes, "counted_bytes": counted,

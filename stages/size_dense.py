@@ -8,6 +8,7 @@ from safetensors.torch import load_file, save_file
 from pipeline.data import load_tokens
 from pipeline.model.gguf_export import tensor_role, write_gguf
 from pipeline.pruning.database import open_with_dense_model
+from pipeline.quant.export import write_typed_gguf
 from pipeline.quant.importance import column_importance, export_importance
 from pipeline.quant.presets import quantize_file, tensor_types
 from pipeline.run.outputs import SIZE_DENSE, atomic_dir, write_json
@@ -43,8 +44,8 @@ def main(params, say, group):
             quantize_file(f16, plain, preset)
             sizes[preset] = plain.stat().st_size
             types = {n: t for n, t in tensor_types(plain).items() if tensor_role(n) is not None}
-            report = write_gguf(model, tokenizer, tmp / f"dense-{preset}-imatrix.gguf", name=f"{name} dense {preset}",
-                                types=types, importance=weights)
+            report = write_typed_gguf(model, tokenizer, tmp / f"dense-{preset}-imatrix.gguf", types, weights,
+                                      name=f"{name} dense {preset}")
             sizes[f"{preset}-imatrix"] = report.bytes
             say(f"dense {preset}: {sizes[preset] / 1e6:.1f} MB (llama.cpp), with imatrix {report.bytes / 1e6:.1f} MB")
         write_json(tmp / "sizes.json", sizes)

@@ -8,7 +8,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 # Lower layers never import higher ones; a package's modules may import each other (without cycles).
-LAYERS = [{"errors"}, {"config"}, {"run"}, {"data"}, {"train"}, {"model"}, {"pruning"}, {"search", "evaluate"}]
+LAYERS = [{"errors"}, {"config"}, {"run"}, {"data"}, {"train"}, {"model"}, {"pruning", "quant"}, {"search", "evaluate"}]
 
 
 def _file(module: str) -> Path | None:

@@ -15,6 +15,7 @@ from pipeline.model.materialize import materialize
 from pipeline.model.structure import structure_of
 from pipeline.pruning.database import Database, build_database
 from pipeline.quant.budget import LAYER_GENES, export_types, file_layout
+from pipeline.quant.export import write_typed_gguf
 from pipeline.quant.importance import column_importance, export_importance
 from pipeline.quant.types import effective_type, tensor_bytes
 
@@ -56,8 +57,8 @@ def random_genotype(layout, layers, levels, rng):
 def export(setting, genotype, path):
     model, db, tokenizer, layout, importance, _ = setting
     pruned = materialize(model, db.structure, db.weights_for(genotype))
-    report = write_gguf(pruned, tokenizer, path, types=export_types(layout, genotype),
-                        importance=export_importance(importance, db, genotype, layout.tied))
+    report = write_typed_gguf(pruned, tokenizer, path, export_types(layout, genotype),
+                              export_importance(importance, db, genotype, layout.tied))
     return pruned, report
 
 

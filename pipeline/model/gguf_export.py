@@ -25,9 +25,10 @@ q4_k_m through llama.cpp's own quantizer (`llama_model_quantize` of llama-cpp-py
 """
 from __future__ import annotations
 
+import ctypes
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -86,7 +87,7 @@ class ExportReport:
     placeholder_layers: list[str] = field(default_factory=list)
     unquantized_tensors: list[str] = field(default_factory=list)
     bytes: int = 0
-    tensor_types: dict[str, str] = field(default_factory=dict)  # per-tensor types: the type each was written as
+    tensor_types: dict[str, str] = field(default_factory=dict)  # each 2-D weight's type as written
     replaced_types: dict[str, str] = field(default_factory=dict)  # "asked->written" where rows forced another
     tensor_shapes: list[tuple[str, tuple[int, ...]]] = field(default_factory=list)  # header_only: the index
 
@@ -412,19 +413,19 @@ def _stored(name: str, array: np.ndarray, gguf_type: str) -> tuple[np.ndarray, g
     return array.astype(np.float16), gguf.GGMLQuantizationType.F16, False
 
 
+# How one tensor is stored: (GGUF name, float32 array as written, its layer or None) -> (data, type).
+Store = Callable[[str, np.ndarray, "DeciLayer | None"], tuple[np.ndarray, gguf.GGMLQuantizationType]]
+
+
 def write_gguf(model, tokenizer, path: str | os.PathLike, gguf_type: str = "f16", name: str = "pruned",
-               types: dict[str, str] | None = None, importance: dict[str, np.ndarray] | None = None,
-               header_only: bool = False) -> ExportReport:
+               store: Store | None = None, header_only: bool = False) -> ExportReport:
     """Write `model` (a pruned model of `pipeline.model.pruned_llama` or a dense Llama / Mistral / Qwen2)
     and its tokenizer as a `deci` GGUF of `gguf_type` (f32, f16, q8_0, or one of `LLAMA_CPP_TYPES`).
 
-    `types` (GGUF tensor name -> a type of `pipeline.quant.types.LADDER_TYPES`, for every 2-D weight): one type
-    per tensor instead (`gguf_type` "mixed"), each quantized by llama.cpp's quantizer with `importance` (GGUF
-    name -> one weight per input column in the model's column order; none: plain quantization); a type that
-    cannot hold a tensor's rows is replaced as `pipeline.quant.types.effective_type` says and reported.
-    `header_only`: write header, metadata and tensor index only (`report.bytes` is then their unpadded size,
-    `report.tensor_shapes` the index)."""
-    if types is not None:
+    `store`: each tensor stored as this function says instead (`gguf_type` "mixed": one type per tensor, as
+    `pipeline.quant.export` writes them). `header_only`: write header, metadata and tensor index only
+    (`report.bytes` is then their unpadded size, `report.tensor_shapes` the index)."""
+    if store is not None:
         gguf_type = "mixed"
     elif gguf_type in LLAMA_CPP_TYPES:
         return _quantized_by_llama_cpp(model, tokenizer, Path(path), gguf_type, name)
@@ -488,12 +489,16 @@ def write_gguf(model, tokenizer, path: str | os.PathLike, gguf_type: str = "f16"
                                    raw_dtype=gguf.GGMLQuantizationType.F32)
             report.tensor_shapes.append((tensor_name, tuple(array.shape)))
             continue
-        if types is not None:
-            data, qtype, fell_back = _stored_as(tensor_name, array, types, importance, layers, head_dim, report)
+        if store is not None:
+            layer = layers[int(tensor_name.split(".")[1])] if tensor_name.startswith("blk.") else None
+            data, qtype = store(tensor_name, array, layer)
+            fell_back = False
         else:
             data, qtype, fell_back = _stored(tensor_name, array, gguf_type)
         if fell_back:
             report.unquantized_tensors.append(tensor_name)
+        if array.ndim == 2:
+            report.tensor_types[tensor_name] = qtype.name.lower()
         writer.add_tensor(tensor_name, data, raw_dtype=qtype)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
@@ -508,40 +513,29 @@ def write_gguf(model, tokenizer, path: str | os.PathLike, gguf_type: str = "f16"
     return report
 
 
-def _stored_as(name: str, array: np.ndarray, types: dict[str, str], importance: dict | None,
-               layers: list[DeciLayer], head_dim: int, report: ExportReport):
-    """(data, type, fell back) of one tensor at its own type (`write_gguf`'s `types`)."""
-    from pipeline.quant.ggml import quantize
-    from pipeline.quant.types import effective_type, ggml_type
-
-    if tensor_role(name) is None:
-        return array.astype(np.float32), gguf.GGMLQuantizationType.F32, False
-    if name not in types:
-        raise ExportError(f"no GGUF type given for tensor {name}")
-    written = effective_type(types[name], array.shape[-1], array.ndim)
-    weights = None if importance is None else importance.get(name)
-    if weights is not None and name.endswith("attn_output.weight"):
-        layer = layers[int(name.split(".")[1])]
-        weights = deci_output_columns(weights[None, :], layer.query_slots, head_dim)[0] if layer.padded_heads \
-            != layer.head_count else None
-    if weights is not None and not np.any(array):
-        weights = None  # a placeholder of zeros
-    report.tensor_types[name] = written
-    if written != types[name]:
-        report.replaced_types[name] = f"{types[name]}->{written}"
-    return quantize(array, written, weights), ggml_type(written), False
-
-
 def _quantized_by_llama_cpp(model, tokenizer, path: Path, gguf_type: str, name: str) -> ExportReport:
     """Write f16, then let llama.cpp's own quantizer (K-quants: rows of 256) make `gguf_type`."""
-    from pipeline.quant.presets import quantize_file
-
     source = path.with_name(f".{path.name}.f16")
     try:
         report = write_gguf(model, tokenizer, source, "f16", name)
-        quantize_file(source, path, gguf_type)
+        llama_cpp_quantize(source, path, LLAMA_CPP_TYPES[gguf_type])
     finally:
         source.unlink(missing_ok=True)
     report.path, report.gguf_type, report.bytes = str(path), gguf_type, path.stat().st_size
     report.unquantized_tensors = []  # llama.cpp decides per tensor (it logs its fallbacks)
     return report
+
+
+def llama_cpp_quantize(source: Path, out: Path, ftype: str) -> None:
+    """llama.cpp's quantizer (`llama_model_quantize` of llama-cpp-python) makes `out` from the f16 `source`;
+    `ftype`: the name of its llama_ftype constant, e.g. LLAMA_FTYPE_MOSTLY_Q4_K_M."""
+    try:
+        import llama_cpp
+    except ImportError as error:
+        raise ExportError(f"{out.name} is made by llama.cpp's quantizer: install llama-cpp-python "
+                          "(.venv/bin/pip install -r requirements-eval.txt), or use f32, f16 or q8_0") from error
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, ftype)
+    status = llama_cpp.llama_model_quantize(os.fsencode(source), os.fsencode(out), ctypes.byref(params))
+    if status != 0:
+        raise RuntimeError(f"llama.cpp's quantizer failed ({status}) making {out} from {source}")

@@ -15,8 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 
-from pipeline.model.gguf_export import DeciLayer, deci_layers, layer_shapes, tensor_role, write_gguf
+from pipeline.model.gguf_export import DeciLayer, deci_layers, layer_shapes, tensor_role
 from pipeline.model.structure import ATTN, MLP
+from pipeline.quant.export import write_typed_gguf
 from pipeline.quant.types import effective_type, padded, tensor_bytes
 
 LAYER_GENES = ("q", "k", "v", "o", "gate", "up", "down")
@@ -82,7 +83,7 @@ class FileLayout:
 def file_layout(db, model, tokenizer, scratch: Path) -> FileLayout:
     """The layout of every genotype over `db` for the dense `model`. The metadata's size (without the tensor
     index) comes from a header-only export of the dense model as a per-tensor-typed file, at `scratch`."""
-    header = write_gguf(model, tokenizer, scratch, types={}, header_only=True)
+    header = write_typed_gguf(model, tokenizer, scratch, {}, header_only=True)
     scratch.unlink()
     header_bytes, header_tensors = header.bytes, header.tensor_shapes
     s, config = db.structure, model.config
@@ -111,7 +112,7 @@ def file_layout(db, model, tokenizer, scratch: Path) -> FileLayout:
 
 
 def export_types(layout: FileLayout, genotype: dict) -> dict[str, str]:
-    """GGUF tensor name -> asked type, as `write_gguf(types=...)` takes it."""
+    """GGUF tensor name -> asked type, as `write_typed_gguf` takes it."""
     types = genotype["types"]
     out = {}
     for module, table in ((ATTN, layout.attn), (MLP, layout.mlp)):

@@ -3,13 +3,12 @@ first alternative a user has at a given file size, and the per-tensor types such
 mix can be rewritten with importance weights (llama.cpp's `--imatrix`) by `write_gguf(types=...)`."""
 from __future__ import annotations
 
-import ctypes
-import os
 from pathlib import Path
 
 import gguf
 
 from pipeline.errors import ExportError
+from pipeline.model.gguf_export import llama_cpp_quantize
 
 PRESET_FTYPES = {"q8_0": "Q8_0", "q6_k": "Q6_K", "q5_k_m": "Q5_K_M", "q5_k_s": "Q5_K_S", "q5_1": "Q5_1",
                  "q5_0": "Q5_0", "q4_k_m": "Q4_K_M", "q4_k_s": "Q4_K_S", "q4_1": "Q4_1", "q4_0": "Q4_0",
@@ -17,19 +16,10 @@ PRESET_FTYPES = {"q8_0": "Q8_0", "q6_k": "Q6_K", "q5_k_m": "Q5_K_M", "q5_k_s": "
 
 
 def quantize_file(source: Path, out: Path, preset: str) -> None:
-    """llama.cpp's quantizer (`llama_model_quantize` of llama-cpp-python) makes `out` from the f16 `source`."""
-    try:
-        import llama_cpp
-    except ImportError as error:
-        raise ExportError(f"llama.cpp's preset '{preset}' is made by llama.cpp's quantizer: install llama-cpp-python "
-                          "(.venv/bin/pip install -r requirements-eval.txt)") from error
+    """llama.cpp's quantizer makes `out` from the f16 `source` as its preset `preset`."""
     if preset not in PRESET_FTYPES:
         raise ExportError(f"llama.cpp preset '{preset}'; valid: {', '.join(PRESET_FTYPES)}")
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{PRESET_FTYPES[preset]}")
-    status = llama_cpp.llama_model_quantize(os.fsencode(source), os.fsencode(out), ctypes.byref(params))
-    if status != 0:
-        raise RuntimeError(f"llama.cpp's quantizer failed ({status}) making {out} from {source}")
+    llama_cpp_quantize(source, out, f"LLAMA_FTYPE_MOSTLY_{PRESET_FTYPES[preset]}")
 
 
 def tensor_types(path: Path) -> dict[str, str]:
