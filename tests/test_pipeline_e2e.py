@@ -1,5 +1,6 @@
 """The whole pipeline for real: `dvc repro` on a tiny config in a temporary git repo, its outputs,
 the MLflow runs in the repo-root sqlite store, selective re-runs, bad params, and `dvc exp run`."""
+import importlib.util
 import json
 import os
 import shutil
@@ -106,6 +107,35 @@ def test_repro_produces_every_output(repo):
     assert "| pruned and trained |" in card and "Uniformly pruned" in card
     log = (repo / "repro.log").read_text()
     assert "generation 3/3" in log and "layer 2/2" in log and "pretrain step" in log  # progress is shown
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None,
+                    reason="llama-cpp-python is not installed (requirements-eval.txt)")
+def test_a_file_size_budget_runs_the_searches_and_the_llama_cpp_panel(repo):
+    """size.budgets switches on size_dense, size@<budget> and size_panel: each row's file is as big as the
+    search counted and within tolerance, and every file is measured in llama.cpp; emptied again, the
+    stages stand down and the rest of the pipeline stays cached."""
+    _edit_params(repo, "size", budgets=[0.5], presets=["q8_0"], rows=["joint", "quant"], generations=2,
+                 eval_windows=2, speed_repeats=1, cache_mb=64)
+    result = _run(repo, "dvc", "repro", "size_panel")
+    ran = {line.split("'")[1] for line in result.stdout.splitlines() if line.startswith("Running stage")}
+    assert ran == {"validate", "size_dense", "size@0.5", "size_panel"}, ran
+    budget = json.loads((repo / "size" / "0.5" / "budget.json").read_text())
+    dense = json.loads((repo / "size" / "dense" / "sizes.json").read_text())
+    assert budget["bytes"] == int(0.5 * dense["f16"])
+    for row in ("joint", "quant"):
+        record = budget["rows"][row]
+        assert record["bytes"] == record["counted_bytes"] == (repo / "size" / "0.5" / f"{row}.gguf").stat().st_size
+        assert record["within_tolerance"] and abs(record["bytes"] / budget["bytes"] - 1) <= 0.005
+    panel = _metrics(repo, "size_panel")["rows"]
+    assert set(panel) == {"dense-f16", "dense-q8_0", "dense-q8_0-imatrix", "joint@0.5", "quant@0.5"}
+    assert panel["dense-f16"]["kl"] == 0 and 0 < panel["dense-q8_0"]["kl"] < panel["joint@0.5"]["kl"]
+    assert all(0 < r["top1_agreement"] <= 1 and r["ppl"] > 1 for r in panel.values())
+    assert (repo / "plots" / "size" / "0.5-joint.png").is_file()
+    _edit_params(repo, "size", budgets=[])
+    result = _run(repo, "dvc", "repro")
+    ran = {line.split("'")[1] for line in result.stdout.splitlines() if line.startswith("Running stage")}
+    assert ran == {"validate", "size_dense", "size_panel"}, ran
 
 
 def test_pruned_folder_reloads_with_the_evaluated_perplexity(repo):
