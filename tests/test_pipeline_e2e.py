@@ -245,7 +245,10 @@ KILLS = [  # stage, params that make it long enough to kill, the progress line t
 # SIGKILL: a lost job, nothing runs on the way out. SIGINT: Ctrl-C, sent to the whole process group
 # as a terminal does. SIGTERM: what schedulers and `kill` send. The last two must exit cleanly.
 # (tests/test_stage.py checks both clean exits for any stage; here each runs once under dvc repro.)
-SIGNALS = {"database": ("SIGKILL",), "search": ("SIGKILL", "SIGINT"), "finetune@searched": ("SIGKILL", "SIGTERM")}
+# "@2": with compute.nproc 2 (torchrun); "launcher": SIGKILL to torchrun's agent alone, not the process group.
+# After any SIGKILL no process of the run may be left 10 s later (its workers die with their launcher).
+SIGNALS = {"database": ("SIGKILL",), "search": ("SIGKILL@2", "SIGINT"),
+           "finetune@searched": ("SIGKILL-launcher@2", "SIGTERM")}
 KILL_CASES = [(*kill, sig) for kill in KILLS for sig in SIGNALS[kill[0]]]
 # What a repo of this pipeline holds that starts with a dot; anything else with a dot (outside git's
 # and DVC's own folders) is a temporary file or folder left behind by an interrupted writer.
@@ -255,6 +258,34 @@ OWN_HIDDEN = {".git", ".dvc", ".gitignore", ".dvcignore", ".darwinlm"}
 def _leftover_temporaries(repo):
     hidden = [p for p in repo.rglob(".*") if p.relative_to(repo).parts[0] not in (".git", ".dvc")]
     return sorted(str(p.relative_to(repo)) for p in hidden if str(p.relative_to(repo)) not in OWN_HIDDEN)
+
+
+def _run_processes(repo):
+    """Every process working in `repo` (DVC, the stage, torchrun's agent and its workers)."""
+    import psutil
+    found = []
+    for p in psutil.process_iter():
+        try:
+            if p.pid != os.getpid() and p.cwd() == str(repo):
+                found.append(p)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return found
+
+
+def _gone_within(processes, seconds):
+    import time
+
+    import psutil
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        try:
+            if not [p for p in processes if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]:
+                return True
+        except psutil.NoSuchProcess:
+            continue
+        time.sleep(0.2)
+    return False
 
 
 def _stage_runs(repo, stage, status):
@@ -272,6 +303,8 @@ def test_interrupted_stage_resumes_under_dvc_repro_to_the_uninterrupted_result(r
     try:
         for section, values in edits.items():
             _edit_params(repo, section, **values)
+        if sig.endswith("@2"):
+            _edit_params(repo, "compute", nproc=2)
         _run(repo, "dvc", "repro")
         reference = (repo / result).read_bytes()
         killed_runs = len(_stage_runs(repo, stage, "KILLED"))
@@ -283,18 +316,25 @@ def test_interrupted_stage_resumes_under_dvc_repro_to_the_uninterrupted_result(r
         for line in process.stdout:
             seen.append(line)
             if kill_at in line:
-                os.killpg(process.pid, getattr(signal, sig))
+                run = _run_processes(repo)
+                if sig.startswith("SIGKILL-launcher"):
+                    os.kill(next(p.pid for p in run if "torchrun" in " ".join(p.cmdline())), signal.SIGKILL)
+                else:
+                    os.killpg(process.pid, getattr(signal, sig.split("@")[0]))
                 break
-        if sig != "SIGKILL":
+        killed = sig.startswith("SIGKILL")
+        if not killed:
             after = list(process.stdout)  # to the end: the stage has then finished cleaning up and exited
         process.wait()
+        if killed:
+            assert _gone_within(run, 10), [p.cmdline() for p in run if p.is_running()]
         assert any(kill_at in line for line in seen), "".join(seen)[-2000:]
         assert process.returncode != 0
         # Nothing that DVC would take as the stage's complete output: DVC removed the old one before
         # running the stage, and the stage writes its outputs only by renaming finished folders/files.
         assert not (repo / result).exists()
         assert stage in _stale(repo)
-        if sig != "SIGKILL":
+        if not killed:
             assert f"interrupted by {sig}: rerun `dvc repro` to resume\n" in after, "".join(after)[-2000:]
             assert not any("Traceback" in line for line in after), "".join(after)[-3000:]
             assert _leftover_temporaries(repo) == []

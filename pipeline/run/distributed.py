@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 
 from pipeline.errors import ConfigError
+from pipeline.run.processes import die_with_launcher
 
 
 @dataclass(frozen=True)
@@ -92,6 +93,7 @@ def init(device_name: str = "auto") -> Group:
     device = pick_device(device_name, local_rank)
     if world == 1:
         return Group(device=device)
+    die_with_launcher()
     if not dist.is_initialized():
         if device.type == "cuda":
             torch.cuda.set_device(device)

@@ -12,6 +12,8 @@ import sys
 
 import yaml
 
+LAUNCHER_PID = "DARWINLM_LAUNCHER_PID"  # the pid torchrun's agent will have (exec keeps it): workers die with it
+
 
 def launched_by_torchrun() -> bool:
     return "TORCHELASTIC_RUN_ID" in os.environ or "LOCAL_RANK" in os.environ
@@ -41,4 +43,5 @@ def relaunch_under_torchrun(modules: tuple[str, ...], params_file: str = "params
         return
     torchrun = torchrun_path()
     if type(nproc) is int and nproc > 1 and torchrun:
+        os.environ[LAUNCHER_PID] = str(os.getpid())
         os.execv(torchrun, [torchrun, "--standalone", f"--nproc-per-node={nproc}", "-m", *module_and_args])

@@ -3,6 +3,7 @@ JSON (with the run id), and user errors and interruptions reported as one clear 
 traceback."""
 from __future__ import annotations
 
+import os
 import signal
 import sys
 import time
@@ -10,7 +11,7 @@ from collections.abc import Callable
 
 from pipeline.config import Params, load_params
 from pipeline.errors import ConfigError, UserError
-from pipeline.run import distributed, tracking
+from pipeline.run import distributed, processes, tracking
 from pipeline.run.outputs import metrics_path, write_json
 
 USER_ERRORS = (UserError, FileNotFoundError)
@@ -44,7 +45,16 @@ def run_stage(name: str, sections: tuple[str, ...], body: Body, close_pipeline: 
         if group.is_main:
             log(name, message)
 
+    ours = processes.run_pids(group.gather(os.getpid()))
     try:
+        busy = None
+        if group.is_main:
+            try:
+                processes.claim_workspace(name, ours)
+            except processes.WorkspaceBusy as err:
+                busy = str(err)
+        if busy := group.broadcast(busy):
+            raise processes.WorkspaceBusy(busy)
         with tracking.stage_run(name, section_dicts(params, sections), all_params, params.tracking.experiment,
                                 enabled=params.tracking.enabled and group.is_main,
                                 close_pipeline=close_pipeline) as run:
@@ -64,6 +74,8 @@ def run_stage(name: str, sections: tuple[str, ...], body: Body, close_pipeline: 
         print(f"interrupted by {interrupted.signal_name}: rerun `dvc repro` to resume", file=sys.stderr, flush=True)
         sys.exit(128 + interrupted.signum)  # the shell's convention for "ended by signal N"
     finally:
+        if group.is_main:
+            processes.release_workspace(ours)
         distributed.close()
     say(f"done in {metrics['seconds']:.1f}s")
 
