@@ -71,7 +71,8 @@ def main(params, say, group):
     with atomic_dir(out) if group.is_main else contextlib.nullcontext() as tmp:
         for row in params.size.rows:
             ladder, move_levels = row_ladder(row, params)
-            space = Space(layout, ladder, db.levels, move_levels, budget, p.budget_tolerance)
+            name = f"{params.model.name_or_path} {row} at {budget_name}"
+            space = Space(layout.named(name), ladder, db.levels, move_levels, budget, p.budget_tolerance)
             try:
                 start = start_genotype(space, db.structure.num_layers, random.Random(p.seed))
             except ValueError as error:
@@ -96,12 +97,11 @@ def main(params, say, group):
             genotype = state.parent
             swapper.apply(genotype)
             final = fitness(model, fitness_set, teacher, p.batch_size)
-            counted = layout.file_bytes(genotype)
+            counted = space.layout.file_bytes(genotype)
             if not group.is_main:
                 continue
             pruned = materialize(dense, db.structure, db.weights_for(genotype))
             path = tmp / f"{row}.gguf"
-            name = f"{params.model.name_or_path} {row} at {budget_name}"
             if row == "structure_q4_k_m":
                 report = write_gguf(pruned, tokenizer, path, "q4_k_m", name=name)
             else:

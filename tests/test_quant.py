@@ -57,8 +57,9 @@ def random_genotype(layout, layers, levels, rng):
 def export(setting, genotype, path):
     model, db, tokenizer, layout, importance, _ = setting
     pruned = materialize(model, db.structure, db.weights_for(genotype))
+    name = f"a model named at length {len(str(path))}"  # the name's length is part of the metadata's size
     report = write_typed_gguf(pruned, tokenizer, path, export_types(layout, genotype),
-                              export_importance(importance, db, genotype, layout.tied))
+                              export_importance(importance, db, genotype, layout.tied), name=name)
     return pruned, report
 
 
@@ -71,7 +72,7 @@ def test_byte_count_equals_the_written_file(setting, tmp_path):
         genotype["mlp"][2] = db.levels if i == 1 else genotype["mlp"][2]
         path = tmp_path / f"g{i}.gguf"
         _, report = export(setting, genotype, path)
-        assert path.stat().st_size == layout.file_bytes(genotype)
+        assert path.stat().st_size == layout.named(f"a model named at length {len(str(path))}").file_bytes(genotype)
         reader = gguf.GGUFReader(path)
         for t in reader.tensors:
             if t.name in report.tensor_types:  # every weight at the type the byte count assumed

@@ -10,6 +10,7 @@ and written as `effective_type` says.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,6 +48,12 @@ class FileLayout:
     deci: list[list[DeciLayer]]  # [layer][attention level] -> the layer as written (query slots)
     tied: bool
     hidden: int
+    name: str = "pruned"  # the file's general.name, part of its metadata
+
+    def named(self, name: str) -> FileLayout:
+        """The layout of files whose general.name is `name` (a GGUF string: its length is in the bytes)."""
+        return dataclasses.replace(self, name=name,
+                                   metadata_bytes=self.metadata_bytes + len(name.encode()) - len(self.name.encode()))
 
     @property
     def genes(self) -> list[str]:
@@ -80,10 +87,11 @@ class FileLayout:
         return padded(self.metadata_bytes + index) + data
 
 
-def file_layout(db, model, tokenizer, scratch: Path) -> FileLayout:
-    """The layout of every genotype over `db` for the dense `model`. The metadata's size (without the tensor
-    index) comes from a header-only export of the dense model as a per-tensor-typed file, at `scratch`."""
-    header = write_typed_gguf(model, tokenizer, scratch, {}, header_only=True)
+def file_layout(db, model, tokenizer, scratch: Path, name: str = "pruned") -> FileLayout:
+    """The layout of every genotype over `db` for the dense `model`, written with general.name `name`. The
+    metadata's size (without the tensor index) comes from a header-only export of the dense model as a
+    per-tensor-typed file, at `scratch`."""
+    header = write_typed_gguf(model, tokenizer, scratch, {}, name=name, header_only=True)
     scratch.unlink()
     header_bytes, header_tensors = header.bytes, header.tensor_shapes
     s, config = db.structure, model.config
@@ -108,7 +116,7 @@ def file_layout(db, model, tokenizer, scratch: Path) -> FileLayout:
     fixed = [(n, sh) for n, sh in header_tensors if not n.startswith("blk.")]
     metadata = header_bytes - sum(tensor_info_bytes(n, len(sh)) for n, sh in header_tensors)
     return FileLayout(metadata, fixed, attn, mlp, deci, bool(getattr(config, "tie_word_embeddings", False)),
-                      s.hidden_size)
+                      s.hidden_size, name)
 
 
 def export_types(layout: FileLayout, genotype: dict) -> dict[str, str]:
