@@ -76,6 +76,14 @@ def test_every_required_key_must_be_given(tmp_path):
     (lambda r: r["export"].update(gguf_types=["f16", "f16"]), "export.gguf_types is ['f16', 'f16']: repeats f16; give each once"),
     (lambda r: (r["export"].update(gguf_types=["f16"]), r["evaluate"].update(speed_gguf_type="q8_0")),
      "evaluate.speed_gguf_type is 'q8_0' but export.gguf_types (f16)"),
+    (lambda r: r["size"].update(budgets=["q4_k_m", "75 parsecs"]),
+     "size.budgets is ['q4_k_m', '75 parsecs']: '75 parsecs': give bytes (e.g. 80000000 or '75MB' / '72MiB')"),
+    (lambda r: r["size"].update(budgets=[1.5]), "a fraction of the dense f16 file between 0 and 1"),
+    (lambda r: r["size"].update(quant_types=["q8_0", "q7_k"]), "size.quant_types[1] is 'q7_k': Input should be"),
+    (lambda r: r["size"].update(rows=["joint", "joint"]), "size.rows is ['joint', 'joint']: repeats joint"),
+    (lambda r: r["size"].update(schedule=[{"survivors": 2, "fitness_tokens": 8}]),
+     "size.schedule[-1].survivors is 2: the last stage must keep exactly 1"),
+    (lambda r: r["size"].update(budgets=["q4_k_m"], eval_windows=10**6), "size.eval_windows (1000000) x data.seq_len"),
 ])
 def test_bad_params_are_refused_with_the_key_named(tmp_path, edit, message):
     with pytest.raises(ConfigError, match=_escape(message)):
