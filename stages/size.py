@@ -5,6 +5,7 @@ then the pruned model quantized by llama.cpp's own q4_k_m, as a user would do). 
 its GGUF to size/<budget>/<row>.{json,gguf}; the search checkpoints every generation and resumes."""
 import contextlib
 import copy
+import json
 import random
 import sys
 
@@ -20,11 +21,29 @@ from pipeline.quant.export import write_typed_gguf
 from pipeline.quant.importance import export_importance
 from pipeline.run import tracking
 from pipeline.run.hashing import inputs_key
-from pipeline.run.outputs import DATABASE, SIZE, SIZE_DENSE, SIZE_WORK, TOKENS, atomic_dir, read_json, write_json
+from pipeline.run.outputs import (
+    DATABASE,
+    SIZE,
+    SIZE_DENSE,
+    SIZE_WORK,
+    TOKENS,
+    atomic_dir,
+    read_json,
+    write_json,
+    write_text,
+)
 from pipeline.run.stage import run_stage
 from pipeline.search.evolution import evolve
 from pipeline.search.fitness import fitness, teacher_targets
-from pipeline.search.joint import QuantSwapper, Space, byte_offspring, ladder_order, start_genotype
+from pipeline.search.joint import (
+    QuantSwapper,
+    Space,
+    byte_offspring,
+    calibrated_errors,
+    ladder_order,
+    start_genotype,
+    tensor_errors,
+)
 from stages.size_dense import load_importance
 
 
@@ -47,6 +66,24 @@ def row_ladder(row: str, params) -> tuple[list[str], bool]:
             "structure": ([s.structure_type], True), "structure_q4_k_m": (["q4_k"], True)}[row]
 
 
+def type_errors(swapper, ladder, fitness_set, teacher, p, params, say, group) -> dict:
+    """The calibrated error of every tensor at every ladder type (the byte searches' start), computed once per
+    model, database and ladder and shared by every budget (kept beside the searches' checkpoints)."""
+    key = inputs_key({"ladder": ladder, "fitness": p.fitness, "topk": p.topk, "model": dense_source(params)},
+                     (DATABASE / MANIFEST, TOKENS / "fitness.pt", SIZE_DENSE / "importance.safetensors"))
+    path = SIZE_WORK / f"type-errors-{key[:16]}.json"
+    if path.is_file():
+        return {tuple(json.loads(k)): v for k, v in json.loads(path.read_text()).items()}
+    rows = max(1, 1024 // fitness_set.shape[1])
+    say(f"calibrating the type errors ({len(ladder)} types) on {rows * fitness_set.shape[1]} fitness tokens")
+    errors = calibrated_errors(tensor_errors(swapper, ladder), ladder, swapper,
+                               lambda: fitness(swapper.model, fitness_set[:rows], teacher.subset(slice(0, rows)),
+                                               p.batch_size), swapper.structure.num_layers)
+    if group.is_main:
+        write_text(path, json.dumps({json.dumps(list(k)): v for k, v in errors.items()}))
+    return errors
+
+
 def main(params, say, group):
     budget_name = sys.argv[1]
     given = [b for b in params.size.budgets if str(b) == budget_name]  # as typed in params.yaml (0.35 is no string)
@@ -64,6 +101,10 @@ def main(params, say, group):
     fitness_set = load_tokens("fitness")
     teacher = teacher_targets(model, fitness_set, p.batch_size, p.fitness, p.topk)
     swapper = QuantSwapper(model, db, layout, importance, params.size.cache_mb * 2**20)
+    errors = None
+    if any(len(row_ladder(row, params)[0]) > 1 for row in params.size.rows):
+        errors = type_errors(swapper, ladder_order(params.size.quant_types), fitness_set, teacher, p, params, say,
+                             group)
     say(f"budget {budget_name}: {budget:,} bytes (dense f16 {sizes['f16']:,}), tolerance "
         f"{p.budget_tolerance:.1%}; rows {', '.join(params.size.rows)}; {p.generations} generations each")
     results = {}
@@ -74,7 +115,7 @@ def main(params, say, group):
             name = f"{params.model.name_or_path} {row} at {budget_name}"
             space = Space(layout.named(name), ladder, db.levels, move_levels, budget, p.budget_tolerance)
             try:
-                start = start_genotype(space, db.structure.num_layers, random.Random(p.seed))
+                start = start_genotype(space, db.structure.num_layers, random.Random(p.seed), errors)
             except ValueError as error:
                 say(f"{row}: cannot reach the budget ({error}); row skipped")
                 results[row] = {"reachable": False}

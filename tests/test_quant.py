@@ -225,3 +225,37 @@ def test_the_byte_search_improves_on_its_start_within_the_budget(setting):
     assert all(space.within(g) for g in parents)
     swapper.apply(state.parent)
     assert fitness(swapper.model, tokens, teacher, 8) < first
+
+
+def test_greedy_types_fit_the_budget_with_less_proxy_error_than_other_fits(setting):
+    """The greedy allocation on the error proxy lands in the band, and no uniform or random genotype in the
+    band has a lower summed proxy error (the knapsack it approximates)."""
+    from pipeline.search.joint import calibrated_errors, greedy_types, start_genotype, tensor_errors, uniform_genotype
+    model, db, _, layout, importance, tokens = setting
+    import copy
+
+    from pipeline.search.fitness import fitness, teacher_targets
+    from pipeline.search.joint import QuantSwapper
+    space = space_for(setting, LADDER, False, 0.6)
+    swapper = QuantSwapper(copy.deepcopy(model), db, layout, importance, 2**28)
+    teacher = teacher_targets(model, tokens, 8, "kl")
+    errors = calibrated_errors(tensor_errors(swapper, space.ladder), space.ladder, swapper,
+                               lambda: fitness(swapper.model, tokens, teacher, 8), 3)
+    start = start_genotype(space, 3, random.Random(0), errors)
+    assert space.within(start)
+
+    def proxy(g):
+        return sum(errors[(gene, i)][kind] for gene, kinds in g["types"].items() for i, kind in enumerate(kinds))
+    greedy = greedy_types(uniform_genotype(layout, 3, 0, space.ladder[0]), space, errors)
+    assert layout.file_bytes(greedy) <= space.high
+    rng = random.Random(1)
+    others = [start_genotype(space, 3, rng)]
+    for _ in range(20):  # random descents from the top type until as small as the greedy one
+        g = uniform_genotype(layout, 3, 0, space.ladder[0])
+        while layout.file_bytes(g) > layout.file_bytes(greedy):
+            gene = rng.choice(list(g["types"]))
+            i = rng.randrange(len(g["types"][gene]))
+            at = space.ladder.index(g["types"][gene][i])
+            g["types"][gene][i] = space.ladder[min(at + 1, len(space.ladder) - 1)]
+        others.append(g)
+    assert all(proxy(greedy) <= proxy(g) + 1e-12 for g in others)

@@ -20,7 +20,7 @@ import torch
 
 from pipeline.model.gguf_export import deci_output_columns, model_output_columns
 from pipeline.model.structure import ATTN, MLP, masked_weight, output_projection, unit_indices
-from pipeline.quant.budget import ATTN_GENES, LAYER_GENES, MLP_GENES, FileLayout
+from pipeline.quant.budget import ATTN_GENES, LAYER_GENES, MLP_GENES, FileLayout, stored_bytes
 from pipeline.quant.ggml import roundtrip
 from pipeline.quant.types import bits_per_weight, effective_type
 from pipeline.search.evolution import genotype_key, mutate, switch_count
@@ -63,18 +63,134 @@ def uniform_genotype(layout: FileLayout, num_layers: int, level: int, type_name:
     return {ATTN: [level] * num_layers, MLP: [level] * num_layers, "types": types}
 
 
-def start_genotype(space: Space, num_layers: int, rng: random.Random) -> dict:
-    """The least pruned, then best typed, uniform genotype that fits under the budget's upper edge, repaired
-    up into the band. Raises ValueError when even the smallest genotype is too big."""
+def _gene_tensor(layout: FileLayout, genotype: dict, gene: str, layer: int) -> tuple[int, ...] | None:
+    """The shape of the tensor of `gene` in `layer` under `genotype` (None: not in the file)."""
+    if gene in ("embd", "output"):
+        name = "token_embd.weight" if gene == "embd" else "output.weight"
+        return dict(layout.fixed).get(name)
+    module = ATTN if gene in ATTN_GENES else MLP
+    name = {"q": "attn_q", "k": "attn_k", "v": "attn_v", "o": "attn_output", "gate": "ffn_gate", "up": "ffn_up",
+            "down": "ffn_down"}[gene] + ".weight"
+    return dict(getattr(layout, module)[layer][genotype[module][layer]]).get(name)
+
+
+def tensor_errors(swapper: QuantSwapper, ladder: list[str]) -> dict[tuple[str, int], dict[str, float]]:
+    """For every tensor of the dense model (levels 0) and ladder type: the relative output error llama.cpp's
+    quantization would make, sum_ij imp_j (W - Q)_ij^2 / sum_ij imp_j W_ij^2, with imp the calibration
+    importance of each input column (the diagonal approximation of E||(W - Q) x||^2 / E||W x||^2). Computed
+    through the swapper's round trips, so they are cached for the search."""
+    layers = swapper.structure.num_layers
+    errors: dict[tuple[str, int], dict[str, float]] = {}
+    inputs = {"q": "attn_in", "k": "attn_in", "v": "attn_in", "o": "o_in", "gate": "mlp_in", "up": "mlp_in",
+              "down": "down_in"}
+    for layer in range(layers):
+        for gene in LAYER_GENES:
+            if gene in ("o", "down"):  # level 0 keeps every column, in order
+                dense = swapper.db.level_weight(layer, ATTN if gene == "o" else MLP, 0)[1].float().numpy()
+            else:
+                dense = swapper.dense[(layer, gene)]
+            imp = swapper._imp(f"{layer}.{inputs[gene]}")
+            imp = np.ones(dense.shape[1], np.float32) if imp is None else imp
+            scale = float((dense ** 2 @ imp).sum()) or 1.0
+            per_type = {}
+            for kind in ladder:
+                if gene == "o":
+                    q = swapper._attention_output(layer, 0, kind).numpy()
+                elif gene == "down":
+                    q = swapper._down(layer, 0, kind).numpy()
+                else:
+                    q = swapper._rows(layer, gene, kind).numpy()
+                per_type[kind] = float(((dense - q) ** 2 @ imp).sum()) / scale
+            errors[(gene, layer)] = per_type
+    for gene in ("embd", *(() if swapper.layout.tied else ("output",))):
+        dense = swapper.dense[gene]
+        imp = swapper._imp("output_in")
+        imp = np.ones(dense.shape[1], np.float32) if imp is None else imp
+        scale = float((dense ** 2 @ imp).sum()) or 1.0
+        errors[(gene, 0)] = {kind: float(((dense - roundtrip(dense, effective_type(kind, dense.shape[1]), imp)) ** 2
+                                          @ imp).sum()) / scale for kind in ladder}
+    return errors
+
+
+def calibrated_errors(errors: dict, ladder: list[str], swapper: QuantSwapper, score, num_layers: int) -> dict:
+    """The relative errors of `tensor_errors` made comparable across kinds of tensor: for each gene (q, ..., down,
+    the embedding) and type, the measured rise of `score` (the search's fitness on a few rows) when every tensor
+    of that gene takes the type and all others the best one, shared among the layers in proportion to their
+    relative errors (a value, an output head and a down projection differ in how much a unit of error costs)."""
+    base_genotype = uniform_genotype(swapper.layout, num_layers, 0, ladder[0])
+    swapper.apply(base_genotype)
+    base = score()
+    genes = sorted({gene for gene, _ in errors})
+    out = {}
+    for gene in genes:
+        layers = sorted(i for g, i in errors if g == gene)
+        for kind in ladder[1:]:
+            trial = copy.deepcopy(base_genotype)
+            trial["types"][gene] = [kind] * len(trial["types"][gene])
+            swapper.apply(trial)
+            rise = max(score() - base, 0.0)
+            total = sum(errors[(gene, i)][kind] for i in layers) or 1.0
+            for i in layers:
+                out.setdefault((gene, i), {ladder[0]: 0.0})[kind] = rise * errors[(gene, i)][kind] / total
+    swapper.apply(base_genotype)
+    return out
+
+
+def greedy_types(genotype: dict, space: Space, errors: dict) -> dict | None:
+    """From `genotype`, the type steps down that cost the least error per byte saved, one at a time, until
+    the file fits under the budget's upper edge (the knapsack's greedy solution on the error proxy of
+    `tensor_errors`); None when the ladder's bottom does not fit."""
+    import heapq
+    current = copy.deepcopy(genotype)
+    layout = space.layout
+
+    def next_step(gene, i):
+        shape = _gene_tensor(layout, current, gene, i)
+        if shape is None:
+            return None
+        now = current["types"][gene][i]
+        width = shape[-1]
+        at = space.ladder.index(now) + 1
+        while at < len(space.ladder) and effective_type(space.ladder[at], width) == effective_type(now, width):
+            at += 1
+        if at >= len(space.ladder):
+            return None
+        new = space.ladder[at]
+        saved = stored_bytes(shape, now) - stored_bytes(shape, new)
+        if saved <= 0:
+            return None
+        cost = errors[(gene, i)][new] - errors[(gene, i)][now]
+        return (cost / saved, gene, i, new)
+    heap = [step for gene, values in current["types"].items() for i in range(len(values))
+            if (step := next_step(gene, i)) is not None]
+    heapq.heapify(heap)
+    size = layout.file_bytes(current)
+    while size > space.high:
+        if not heap:
+            return None
+        _, gene, i, new = heapq.heappop(heap)
+        shape = _gene_tensor(layout, current, gene, i)
+        size -= stored_bytes(shape, current["types"][gene][i]) - stored_bytes(shape, new)
+        current["types"][gene][i] = new
+        if (step := next_step(gene, i)) is not None:
+            heapq.heappush(heap, step)
+    return current
+
+
+def start_genotype(space: Space, num_layers: int, rng: random.Random, errors: dict | None = None) -> dict:
+    """The start of a byte search, repaired into the band: the least pruned uniform levels at which the types
+    fit under the budget's upper edge, the types chosen by `greedy_types` on `errors` (`calibrated_errors`),
+    or without errors the best single type that fits. Raises ValueError when nothing fits."""
     levels = range(space.levels + 1) if space.move_levels else [0]
     for level in levels:
-        for type_name in space.ladder:
-            genotype = uniform_genotype(space.layout, num_layers, level, type_name)
-            if space.layout.file_bytes(genotype) <= space.high:
-                repaired = repair(genotype, space, rng)
-                if repaired is not None:
-                    return repaired
-                return genotype
+        top = uniform_genotype(space.layout, num_layers, level, space.ladder[0])
+        if errors is not None and len(space.ladder) > 1:
+            fitted = greedy_types(top, space, errors)
+        else:
+            fitting = (uniform_genotype(space.layout, num_layers, level, kind) for kind in space.ladder)
+            fitted = next((g for g in fitting if space.layout.file_bytes(g) <= space.high), None)
+        if fitted is not None:
+            return repair(fitted, space, rng) or fitted
     smallest = uniform_genotype(space.layout, num_layers, levels[-1], space.ladder[-1])
     raise ValueError(f"the smallest genotype is {space.layout.file_bytes(smallest):,} bytes, above the budget's "
                      f"upper edge {space.high:,}")
