@@ -43,6 +43,7 @@ from pipeline.search.joint import (
     ladder_order,
     start_genotype,
     tensor_errors,
+    uniform_genotype,
 )
 from stages.size_dense import load_importance
 
@@ -64,6 +65,15 @@ def row_ladder(row: str, params) -> tuple[list[str], bool]:
     s = params.size
     return {"joint": (ladder_order(s.quant_types), True), "quant": (ladder_order(s.quant_types), False),
             "structure": ([s.structure_type], True), "structure_q4_k_m": (["q4_k"], True)}[row]
+
+
+def q4_k_m_ratio(layout, sizes: dict, num_layers: int) -> float:
+    """How much smaller the dense model counts at q4_k everywhere (with fallbacks) than llama.cpp's q4_k_m of it
+    is (q4_k_m keeps some tensors at q6_k / q8_0): the structure-then-q4_k_m row searches at the budget times
+    this, so that llama.cpp's own q4_k_m of the pruned model comes out near the budget. 1 without the preset."""
+    if "q4_k_m" not in sizes:
+        return 1.0
+    return layout.file_bytes(uniform_genotype(layout, num_layers, 0, "q4_k")) / sizes["q4_k_m"]
 
 
 def type_errors(swapper, ladder, fitness_set, teacher, p, params, say, group) -> dict:
@@ -113,7 +123,10 @@ def main(params, say, group):
         for row in params.size.rows:
             ladder, move_levels = row_ladder(row, params)
             name = f"{params.model.name_or_path} {row} at {budget_name}"
-            space = Space(layout.named(name), ladder, db.levels, move_levels, budget, p.budget_tolerance)
+            row_budget = budget
+            if row == "structure_q4_k_m":  # aim the search so that llama.cpp's q4_k_m of its model lands on the budget
+                row_budget = round(budget * q4_k_m_ratio(layout.named(name), sizes, db.structure.num_layers))
+            space = Space(layout.named(name), ladder, db.levels, move_levels, row_budget, p.budget_tolerance)
             try:
                 start = start_genotype(space, db.structure.num_layers, random.Random(p.seed), errors)
             except ValueError as error:
