@@ -27,7 +27,7 @@ TINY = {
     "compute": dict(nproc=1),  # tests/test_distributed.py covers several processes; here they would only add startup
 }
 STAGES = ["base", "calibration", "database", "uniform", "search", "finetune@searched", "finetune@uniform", "baselines",
-          "export", "evaluate"]
+          "export", "size_dense", "size_panel", "evaluate"]
 
 
 def _env():
@@ -107,35 +107,6 @@ def test_repro_produces_every_output(repo):
     assert "| pruned and trained |" in card and "Uniformly pruned" in card
     log = (repo / "repro.log").read_text()
     assert "generation 3/3" in log and "layer 2/2" in log and "pretrain step" in log  # progress is shown
-
-
-@pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None,
-                    reason="llama-cpp-python is not installed (requirements-eval.txt)")
-def test_a_file_size_budget_runs_the_searches_and_the_llama_cpp_panel(repo):
-    """size.budgets switches on size_dense, size@<budget> and size_panel: each row's file is as big as the
-    search counted and within tolerance, and every file is measured in llama.cpp; emptied again, the
-    stages stand down and the rest of the pipeline stays cached."""
-    _edit_params(repo, "size", budgets=[0.5], presets=["q8_0"], rows=["joint", "quant"], generations=2,
-                 eval_windows=2, speed_repeats=1, cache_mb=64)
-    result = _run(repo, "dvc", "repro", "size_panel")
-    ran = {line.split("'")[1] for line in result.stdout.splitlines() if line.startswith("Running stage")}
-    assert ran == {"validate", "size_dense", "size@0.5", "size_panel"}, ran
-    budget = json.loads((repo / "size" / "0.5" / "budget.json").read_text())
-    dense = json.loads((repo / "size" / "dense" / "sizes.json").read_text())
-    assert budget["bytes"] == int(0.5 * dense["f16"])
-    for row in ("joint", "quant"):
-        record = budget["rows"][row]
-        assert record["bytes"] == record["counted_bytes"] == (repo / "size" / "0.5" / f"{row}.gguf").stat().st_size
-        assert record["within_tolerance"] and abs(record["bytes"] / budget["bytes"] - 1) <= 0.005
-    panel = _metrics(repo, "size_panel")["rows"]
-    assert set(panel) == {"dense-f16", "dense-q8_0", "dense-q8_0-imatrix", "joint@0.5", "quant@0.5"}
-    assert panel["dense-f16"]["kl"] == 0 and 0 < panel["dense-q8_0"]["kl"] < panel["joint@0.5"]["kl"]
-    assert all(0 < r["top1_agreement"] <= 1 and r["ppl"] > 1 for r in panel.values())
-    assert (repo / "plots" / "size" / "0.5-joint.png").is_file()
-    _edit_params(repo, "size", budgets=[])
-    result = _run(repo, "dvc", "repro")
-    ran = {line.split("'")[1] for line in result.stdout.splitlines() if line.startswith("Running stage")}
-    assert ran == {"validate", "size_dense", "size_panel"}, ran
 
 
 def test_pruned_folder_reloads_with_the_evaluated_perplexity(repo):
@@ -232,6 +203,35 @@ def test_bad_params_stop_before_any_stage_and_keep_earlier_outputs(repo):
         assert (repo / "models/pruned/model.safetensors").read_bytes() == before
     finally:
         (repo / "params.yaml").write_text(original)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None,
+                    reason="llama-cpp-python is not installed (requirements-eval.txt)")
+def test_a_file_size_budget_runs_the_searches_and_the_llama_cpp_panel(repo):
+    """size.budgets switches on size_dense, size@<budget> and size_panel: each row's file is as big as the
+    search counted and within tolerance, and every file is measured in llama.cpp; emptied again, the
+    stages stand down and the rest of the pipeline stays cached."""
+    _edit_params(repo, "size", budgets=[0.5], presets=["q8_0"], rows=["joint", "quant"], generations=2,
+                 eval_windows=2, speed_repeats=1, cache_mb=64)
+    result = _run(repo, "dvc", "repro", "size_panel")
+    ran = {line.split("'")[1] for line in result.stdout.splitlines() if line.startswith("Running stage")}
+    assert ran == {"validate", "size_dense", "size@0.5", "size_panel"}, ran
+    budget = json.loads((repo / "size" / "0.5" / "budget.json").read_text())
+    dense = json.loads((repo / "size" / "dense" / "sizes.json").read_text())
+    assert budget["bytes"] == int(0.5 * dense["f16"])
+    for row in ("joint", "quant"):
+        record = budget["rows"][row]
+        assert record["bytes"] == record["counted_bytes"] == (repo / "size" / "0.5" / f"{row}.gguf").stat().st_size
+        assert record["within_tolerance"] and abs(record["bytes"] / budget["bytes"] - 1) <= 0.005
+    panel = _metrics(repo, "size_panel")["rows"]
+    assert set(panel) == {"dense-f16", "dense-q8_0", "dense-q8_0-imatrix", "joint@0.5", "quant@0.5"}
+    assert panel["dense-f16"]["kl"] == 0 and 0 < panel["dense-q8_0"]["kl"] < panel["joint@0.5"]["kl"]
+    assert all(0 < r["top1_agreement"] <= 1 and r["ppl"] > 1 for r in panel.values())
+    assert (repo / "plots" / "size" / "0.5-joint.png").is_file()
+    _edit_params(repo, "size", budgets=[])
+    result = _run(repo, "dvc", "repro")
+    ran = {line.split("'")[1] for line in result.stdout.splitlines() if line.startswith("Running stage")}
+    assert ran == {"validate", "size_dense", "size_panel", "evaluate"}, ran  # evaluate carries the panel's run id
 
 
 KILLS = [  # stage, params that make it long enough to kill, the progress line to kill at, its result, resume message
