@@ -89,5 +89,6 @@ def release_workspace(ours: list[int], lock: Path = LOCK) -> None:
     try:
         if json.loads(lock.read_text()).get("pids") == ours:
             lock.unlink()
+            lock.parent.rmdir()  # only when empty: a stage leaves no folder it did not need
     except (OSError, ValueError):
         pass
