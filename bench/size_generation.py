@@ -16,6 +16,8 @@ import sys
 import time
 from pathlib import Path
 
+from safetensors.torch import load_file
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from pipeline.config import load_params  # noqa: E402
@@ -23,12 +25,11 @@ from pipeline.data import load_tokens  # noqa: E402
 from pipeline.pruning.database import open_with_dense_model  # noqa: E402
 from pipeline.quant.budget import file_layout  # noqa: E402
 from pipeline.run.distributed import SINGLE  # noqa: E402
-from pipeline.run.outputs import SIZE_DENSE, read_json  # noqa: E402
+from pipeline.run.outputs import SIZE_DENSE, SIZE_IMPORTANCE, read_json  # noqa: E402
 from pipeline.search.evolution import LevelSwapper, SearchState, evolve, uniform_at_size  # noqa: E402
 from pipeline.search.fitness import teacher_targets  # noqa: E402
 from pipeline.search.joint import QuantSwapper, Space, byte_offspring, ladder_order, start_genotype  # noqa: E402
 from stages.size import budget_bytes  # noqa: E402
-from stages.size_dense import load_importance  # noqa: E402
 
 
 def timed_generations(swapper, state, p, fitness_set, teacher, count, propose=None):
@@ -61,7 +62,7 @@ def main():
     layout = file_layout(db, model, tokenizer, Path(".darwinlm/.bench-header.gguf"))
     budget = budget_bytes(a.budget, read_json(SIZE_DENSE / "sizes.json"))
     space = Space(layout, ladder_order(params.size.quant_types), db.levels, True, budget, p.budget_tolerance)
-    joint = QuantSwapper(model, db, layout, load_importance(), params.size.cache_mb * 2**20)
+    joint = QuantSwapper(model, db, layout, load_file(str(SIZE_IMPORTANCE)), params.size.cache_mb * 2**20)
     joint_state = SearchState(start_genotype(space, db.structure.num_layers, random.Random(0)), 0, random.Random(0))
 
     def propose(parent, rng):

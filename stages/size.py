@@ -9,6 +9,8 @@ import json
 import random
 import sys
 
+from safetensors.torch import load_file
+
 from pipeline.config import parse_budget
 from pipeline.data import load_tokens
 from pipeline.errors import ConfigError
@@ -25,6 +27,7 @@ from pipeline.run.outputs import (
     DATABASE,
     SIZE,
     SIZE_DENSE,
+    SIZE_IMPORTANCE,
     SIZE_WORK,
     TOKENS,
     atomic_dir,
@@ -45,7 +48,6 @@ from pipeline.search.joint import (
     tensor_errors,
     uniform_genotype,
 )
-from stages.size_dense import load_importance
 
 
 def budget_bytes(budget: str, sizes: dict) -> int:
@@ -80,7 +82,7 @@ def type_errors(swapper, ladder, fitness_set, teacher, p, params, say, group) ->
     """The calibrated error of every tensor at every ladder type (the byte searches' start), computed once per
     model, database and ladder and shared by every budget (kept beside the searches' checkpoints)."""
     key = inputs_key({"ladder": ladder, "fitness": p.fitness, "topk": p.topk, "model": dense_source(params)},
-                     (DATABASE / MANIFEST, TOKENS / "fitness.pt", SIZE_DENSE / "importance.safetensors"))
+                     (DATABASE / MANIFEST, TOKENS / "fitness.pt", SIZE_IMPORTANCE))
     path = SIZE_WORK / f"type-errors-{key[:16]}.json"
     if path.is_file():
         return {tuple(json.loads(k)): v for k, v in json.loads(path.read_text()).items()}
@@ -103,7 +105,7 @@ def main(params, say, group):
     budget = budget_bytes(given[0], sizes)
     db, model, tokenizer = open_with_dense_model(params, group.device)
     dense = copy.deepcopy(model)  # the search's model holds quantized weights; exports start from the dense ones
-    importance = load_importance()
+    importance = load_file(str(SIZE_IMPORTANCE))
     SIZE_WORK.mkdir(parents=True, exist_ok=True)
     layout = file_layout(db, model, tokenizer, SIZE_WORK / f".header-{budget_name}-{group.rank}.gguf")
     p = params.search.model_copy(update={"generations": params.size.generations, "tas": False,
@@ -137,7 +139,7 @@ def main(params, say, group):
             start_fitness = fitness(model, fitness_set, teacher, p.batch_size)
             key = inputs_key({"search": p.model_dump(), "size": params.size.model_dump(), "row": row,
                               "budget": budget, "model": dense_source(params)},
-                             (DATABASE / MANIFEST, TOKENS / "fitness.pt", SIZE_DENSE / "importance.safetensors"))
+                             (DATABASE / MANIFEST, TOKENS / "fitness.pt", SIZE_IMPORTANCE))
 
             def on_generation(record, parent, row=row):
                 if group.is_main:

@@ -3,7 +3,7 @@ the calibration importance weights (llama.cpp's imatrix), the dense model as an 
 KL), and llama.cpp's own presets of it (`size.presets`), each also rewritten with the importance weights
 (the same per-tensor types as llama.cpp chose, quantized with the imatrix). Nothing runs while
 `size.budgets` is empty."""
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from pipeline.data import load_tokens
 from pipeline.model.gguf_export import tensor_role, write_gguf
@@ -11,14 +11,8 @@ from pipeline.pruning.database import open_with_dense_model
 from pipeline.quant.export import write_typed_gguf
 from pipeline.quant.importance import column_importance, export_importance
 from pipeline.quant.presets import quantize_file, tensor_types
-from pipeline.run.outputs import SIZE_DENSE, atomic_dir, write_json
+from pipeline.run.outputs import SIZE_DENSE, SIZE_IMPORTANCE, atomic_dir, write_json
 from pipeline.run.stage import run_stage
-
-IMPORTANCE = "importance.safetensors"
-
-
-def load_importance():
-    return load_file(str(SIZE_DENSE / IMPORTANCE))
 
 
 def main(params, say, group):
@@ -32,7 +26,7 @@ def main(params, say, group):
         calib = load_tokens("calib")
         say(f"importance weights (imatrix) over {calib.numel():,} calibration tokens")
         importance = column_importance(model, calib, params.database.batch_size)
-        save_file(importance, str(tmp / IMPORTANCE))
+        save_file(importance, str(tmp / SIZE_IMPORTANCE.name))
         dense_levels = {"attn": [0] * db.structure.num_layers, "mlp": [0] * db.structure.num_layers}
         tied = bool(getattr(model.config, "tie_word_embeddings", False))
         weights = export_importance(importance, db, dense_levels, tied)

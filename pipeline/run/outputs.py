@@ -31,6 +31,7 @@ MODELS = {"searched": Path("models/pruned"), "uniform": Path("models/uniform")}
 GGUF = Path("models/gguf")  # llama.cpp files: <dense|searched|uniform>-<type>.gguf
 SIZE = Path("size")  # file-size budgets: size/dense (importance, dense f16 and presets), size/<budget> (searches)
 SIZE_DENSE = SIZE / "dense"
+SIZE_IMPORTANCE = SIZE_DENSE / "importance.safetensors"  # llama.cpp-style imatrix of the dense model
 SIZE_WORK = Path(".darwinlm/size")  # byte searches' checkpoints
 SIZE_PANEL = Path("plots/size_panel.csv")  # one row per file: bytes, KL to dense f16, ... (dvc plots)
 METRICS = Path("metrics")

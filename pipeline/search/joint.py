@@ -222,12 +222,11 @@ def _level_moves(genotype: dict, space: Space, direction: int) -> list[tuple[str
 
 
 def _moved(genotype: dict, move) -> dict:
-    child = copy.deepcopy(genotype)
+    """`genotype` with one gene changed; only the changed list is copied (repair tries many moves per step)."""
     key, index, value = move
-    if key in (ATTN, MLP):
-        child[key][index] = value
-    else:
-        child["types"][key][index] = value
+    child = {**genotype, "types": dict(genotype["types"])}
+    genes = child if key in (ATTN, MLP) else child["types"]
+    genes[key] = [*genes[key][:index], value, *genes[key][index + 1:]]
     return child
 
 
