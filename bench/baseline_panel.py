@@ -18,14 +18,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pipeline.config import load_params  # noqa: E402
 from pipeline.data import eval_set, read_documents, split_train_sets, token_stream  # noqa: E402
 from pipeline.evaluate import perplexity  # noqa: E402
-from pipeline.model.materialize import materialize  # noqa: E402
+from pipeline.model.materialize import dense_unit_weights, materialize  # noqa: E402
 from pipeline.model.structure import load_dense, structure_of  # noqa: E402
 from pipeline.pruning.activation_stats import calibration_stats  # noqa: E402
 from pipeline.pruning.database import Database, build_database  # noqa: E402
-from pipeline.pruning.scored import build_scored_database  # noqa: E402
-from pipeline.search.baselines import BASELINES, baseline_levels  # noqa: E402
+from pipeline.run.distributed import SINGLE  # noqa: E402
+from pipeline.search.baselines import BASELINES  # noqa: E402
 from pipeline.search.evolution import LevelSwapper, evolve, prunable_params, uniform_at_size  # noqa: E402
 from pipeline.search.fitness import fitness, teacher_targets  # noqa: E402
+from pipeline.search.panel import Choice, choose  # noqa: E402
 from pipeline.train import train_causal_lm  # noqa: E402
 
 
@@ -67,20 +68,18 @@ def main():
     swapper.apply({m: [0] * structure.num_layers for m in ("attn", "mlp")})  # the dense model again
 
     stats = calibration_stats(model, sets["calib"], batch_size=16)
-    dbs = {"main": db}
-    for method in ("magnitude", "wanda_sp", "flap"):
-        build_scored_database(model, structure, method, stats, db.levels, work / method, {})
-        dbs[method] = Database(work / method)
     target = prunable_params(db, searched)
     slack = search.budget_tolerance * structure.dense_prunable_params
-    entries = [("searched", db, searched), ("uniform", db, uniform)]
-    entries += [(n, dbs[m], baseline_levels(n, dbs[m], target, slack, stats.block_influence))
-                for n, m in BASELINES.items()]
+
+    def oneshot_ppl(kept):
+        return perplexity(materialize(model, structure, dense_unit_weights(model, structure, kept)), sets["fitness"], 16)
+
+    entries = [("searched", Choice("levels", searched)), ("uniform", Choice("levels", uniform))]
+    entries += [(n, choose(n, db, model, stats, sets["calib"], target, slack, 16, SINGLE, oneshot_ppl)) for n in BASELINES]
     f = shipped.finetune
     rows = [{"method": "dense", "ppl_oneshot": perplexity(model, evals, 16), "kl": 0.0, "removed": 0.0}]
-    for name, base_db, levels in entries:
-        pruned = materialize(model, structure, base_db.weights_for(levels))
-        kept = prunable_params(base_db, levels)
+    for name, choice in entries:
+        pruned, kept = choice.model(db, model), choice.size(db)
         row = {"method": name, "removed": 1 - kept / structure.dense_prunable_params,
                "within_tolerance": abs(kept - target) <= slack, "ppl_oneshot": perplexity(pruned, evals, 16),
                "kl": fitness(pruned, sets["fitness"], teacher, 8)}

@@ -30,7 +30,7 @@ from pydantic_core import ErrorDetails, PydanticCustomError
 from pipeline.errors import ConfigError
 
 # the neighbouring methods every run can report at the searched model's size (pipeline/search/baselines.py)
-Baseline = Literal["uniform_magnitude", "wanda_sp", "flap", "cfsp", "shortgpt"]
+Baseline = Literal["uniform_magnitude", "wanda_sp", "flap", "cfsp", "minitron", "ziplm", "shortgpt"]
 # GGUF types written by the `gguf` package, and those made by llama.cpp's quantizer (llama-cpp-python).
 GgufWritten = Literal["f32", "f16", "q8_0"]
 GgufByLlamaCpp = Literal["q4_0", "q4_k_m", "q5_k_m", "q6_k"]

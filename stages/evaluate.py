@@ -11,7 +11,7 @@ from pipeline.model.structure import count_params, dense_source
 from pipeline.pruning.database import open_with_dense_model
 from pipeline.run import tracking
 from pipeline.run.outputs import GGUF, MODELS, levels_path, metrics_path, read_json
-from pipeline.run.plots import baseline_panel, layer_structure
+from pipeline.run.plots import baseline_panel, layer_structure, panel_table
 from pipeline.run.resources import gib
 from pipeline.run.stage import run_stage
 
@@ -61,10 +61,9 @@ def main(params, say, group):
         **engine_speed,
         **lm_eval,
     }
-    panel_rows = [{"method": name, **row} for name, row in metrics["panel"].items()]
-    if panel_rows:
-        tracking.log_table(pd.DataFrame(panel_rows), "panel.json")
-        tracking.log_figure(baseline_panel(panel_rows), "plots/baselines.png")
+    if metrics["panel"]:
+        tracking.log_table(pd.DataFrame(panel_table(metrics["panel"])), "panel.json")
+        tracking.log_figure(baseline_panel(metrics["panel"]), "plots/baselines.png")
     tracking.log_metrics({k: v for k, v in metrics.items() if k in ("ppl", "gain_over_uniform", "params", "speed",
                                                                      "speedup", "llama_cpp", "lm_eval", "panel")})
     prefix = params.tracking.register_as

@@ -62,7 +62,7 @@ def test_every_required_key_must_be_given(tmp_path):
     (lambda r: r["data"].update(eval={"path": " "}), "data.eval.path is ' ': give a hub dataset id or a local dataset folder"),
     (lambda r: r["database"].update(damp=1), "database.damp is 1: Input should be less than 1"),
     (lambda r: r["evaluate"].update(lm_eval_limit=0), "evaluate.lm_eval_limit is 0: Input should be greater than 0"),
-    (lambda r: r["evaluate"].update(baselines=["flap", "sparsegpt"]), "evaluate.baselines[1] is 'sparsegpt': Input should be 'uniform_magnitude', 'wanda_sp', 'flap', 'cfsp' or 'shortgpt'"),
+    (lambda r: r["evaluate"].update(baselines=["flap", "sparsegpt"]), "evaluate.baselines[1] is 'sparsegpt': Input should be 'uniform_magnitude', 'wanda_sp', 'flap', 'cfsp', 'minitron', 'ziplm' or 'shortgpt'"),
     (lambda r: r["evaluate"].update(baselines=["flap", "flap"]), "evaluate.baselines is ['flap', 'flap']: repeats flap; give each once"),
     (lambda r: r["evaluate"].update(baselines=["flap"], finetune_baselines=["cfsp"]),
      "evaluate.finetune_baselines lists cfsp, which evaluate.baselines does not build (flap)"),

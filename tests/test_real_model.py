@@ -87,23 +87,26 @@ def test_short_search_improves_on_uniform(built):
 def test_the_baseline_panel_on_real_weights(built, tmp_path):
     """Every baseline at the uniform model's size (1%), each one a working model; OBS's correction makes
     uniform OBS several times better one-shot than uniform magnitude, as on the paper's models."""
+    from pipeline.model.materialize import dense_unit_weights
     from pipeline.pruning.activation_stats import calibration_stats
-    from pipeline.pruning.scored import build_scored_database
-    from pipeline.search.baselines import BASELINES, baseline_levels
+    from pipeline.run.distributed import SINGLE
+    from pipeline.search.baselines import BASELINES
     from pipeline.search.evolution import prunable_params
+    from pipeline.search.panel import choose
     model, db, sets, evals = built
     stats = calibration_stats(model, sets["calib"], batch_size=16)
-    dbs = {"main": db}
-    for method in ("magnitude", "wanda_sp", "flap"):
-        build_scored_database(model, db.structure, method, stats, db.levels, tmp_path / method, {})
-        dbs[method] = Database(tmp_path / method)
     uniform = uniform_levels(0.5, db.levels, db.structure.num_layers)
     target, slack = prunable_params(db, uniform), 0.01 * db.structure.dense_prunable_params
     ppl = {"uniform": perplexity(materialize(model, db.structure, db.weights_for(uniform)), evals, 16)}
-    for name, method in BASELINES.items():
-        levels = baseline_levels(name, dbs[method], target, slack, stats.block_influence)
-        assert abs(prunable_params(dbs[method], levels) - target) <= slack, name
-        ppl[name] = perplexity(materialize(model, db.structure, dbs[method].weights_for(levels)), evals, 16)
+
+    def oneshot_ppl(kept):
+        return perplexity(materialize(model, db.structure, dense_unit_weights(model, db.structure, kept)),
+                          sets["fitness"], 16)
+
+    for name in BASELINES:
+        choice = choose(name, db, model, stats, sets["calib"], target, slack, 16, SINGLE, oneshot_ppl)
+        assert abs(choice.size(db) - target) <= slack, name
+        ppl[name] = perplexity(choice.model(db, model), evals, 16)
     assert all(1 < v < 1e4 for v in ppl.values()), ppl
     assert ppl["uniform_magnitude"] > 3 * ppl["uniform"], ppl
 

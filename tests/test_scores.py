@@ -47,18 +47,20 @@ def built(tmp_path_factory):
     return model, tokens, stats, dbs, _captured(model, tokens)
 
 
-def _direct_unit_score(method, w, x, unit):
-    """The textbook formula, column by column, summed over the unit's columns."""
+def _direct_unit_score(method, w, x, unit, attention):
+    """The reference code's formula, column by column, summed over the unit's columns: magnitude the
+    column's L2 norm, Wanda-sp the mean over rows of |W| times the column's RMS, FLAP the fluctuation
+    (squared for attention columns)."""
     total = 0.0
     w, x = w.detach().double(), x.double()
     for j in range(*unit):
         col = w[:, j]
         if method == "magnitude":
-            total += float(col @ col)
+            total += float(torch.sqrt(col @ col))
         elif method == "wanda_sp":
-            total += float(col.abs().sum() * torch.sqrt((x[:, j] ** 2).mean()))
+            total += float(col.abs().mean() * torch.sqrt((x[:, j] ** 2).mean()))
         else:
-            total += float(torch.var(x[:, j], unbiased=True) * (col @ col))
+            total += float(torch.var(x[:, j], unbiased=True) * (col @ col)) ** (2 if attention else 1)
     return total
 
 
@@ -70,7 +72,8 @@ def test_scores_equal_the_formula_on_the_captured_activations(built, method):
         for module in (ATTN, MLP):
             w = output_projection(model, layer, module).weight
             g = db.structure.unit_size(module)
-            direct = torch.tensor([_direct_unit_score(method, w, seen[(layer, module)], (u * g, u * g + g))
+            direct = torch.tensor([_direct_unit_score(method, w, seen[(layer, module)], (u * g, u * g + g),
+                                                      module == ATTN)
                                    for u in range(w.shape[1] // g)], dtype=torch.float64)
             torch.testing.assert_close(db.unit_scores(layer, module), direct, rtol=1e-6, atol=1e-9)
             # each level keeps the highest-scoring units

@@ -11,7 +11,7 @@ from transformers import LlamaConfig
 from transformers.initialization import no_init_weights
 
 from pipeline.model.pruned_llama import PrunedLlamaConfig, PrunedLlamaForCausalLM, layer_record
-from pipeline.model.structure import ATTN, MLP, Structure, block_features, unit_indices
+from pipeline.model.structure import ATTN, MLP, Structure, block_features, output_projection, unit_indices
 
 _DROPPED_KEYS = ("architectures", "auto_map", "model_type", "transformers_version", "dtype", "torch_dtype")
 
@@ -39,6 +39,20 @@ def pruned_config(dense_config, structure: Structure, kept: dict, families: dict
     config = PrunedLlamaConfig(**values)
     config.architectures = ["PrunedLlamaForCausalLM"]
     return config
+
+
+@torch.no_grad()
+def dense_unit_weights(dense_model, structure: Structure, kept: dict, biases: dict | None = None) -> dict:
+    """`kept[(layer, module)]` = kept query heads or neurons -> `materialize`'s input: the dense output
+    projection's columns of the kept units, uncorrected, and `biases[(layer, module)]` where given."""
+    biases = biases or {}
+    out = {}
+    for (layer, module), units in kept.items():
+        units = torch.as_tensor(units, dtype=torch.long)
+        weight = output_projection(dense_model, layer, module).weight.detach()
+        out[(layer, module)] = (units, weight[:, unit_indices(units, structure.unit_size(module))].clone(),
+                                biases.get((layer, module)))
+    return out
 
 
 @torch.no_grad()

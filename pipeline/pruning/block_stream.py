@@ -56,10 +56,13 @@ class BlockRunner:
         return caught["hidden"], caught["kwargs"]
 
     @torch.no_grad()
-    def advance(self, keep_outputs: bool = True) -> None:
+    def advance(self, keep_outputs: bool = True, again: bool = False) -> None:
         """Run block `next_block` over every sequence (the caller's hooks on it see all inputs).
         Without `keep_outputs` the states are left as they were (the last block's outputs are
-        never needed)."""
+        never needed); `again` runs the previous block once more instead (after the caller changed it:
+        its inputs must still be the states, so its first run must not have kept its outputs)."""
+        if again:
+            self.next_block -= 1
         block = self.layers[self.next_block]
         with _on([block], self.device):
             for start in range(0, len(self.states), self.batch_size):

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from pipeline.model.structure import MODULE_TYPES, Structure, output_projection, unit_indices
+from pipeline.model.structure import ATTN, MODULE_TYPES, Structure, output_projection, unit_indices
 from pipeline.pruning.activation_stats import CalibrationStats
 from pipeline.pruning.database import check_units, module_file, obs_unit_heads, write_manifest
 from pipeline.pruning.obs import removal_counts
@@ -39,7 +39,8 @@ def build_scored_database(model, structure: Structure, method: str, stats: Calib
             proj = output_projection(model, layer, module)
             channel = stats.channels[(layer, module)] if stats is not None else None
             cols_per_unit = structure.unit_size(module) * obs_unit_heads(structure, module, attn_unit, mlp_unit)
-            scores = unit_scores(column_scores(method, proj.weight, channel), cols_per_unit).cpu()
+            columns = column_scores(method, proj.weight, channel, attention=module == ATTN)
+            scores = unit_scores(columns, cols_per_unit).cpu()
             losses = _write_module(out_dir / module_file(layer, module), proj, scores, cols_per_unit,
                                    removal_counts(len(scores), levels),
                                    channel.mean if method == "flap" else None)

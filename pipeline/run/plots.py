@@ -62,24 +62,40 @@ def obs_losses(losses: dict[str, list[list[float]]], method: str = "obs"):
     return fig
 
 
-def baseline_panel(rows: list[dict]):
-    """One-shot perplexity and KL to dense of every method of the panel (rows with `method`,
-    `ppl_oneshot`, `kl`), as horizontal bars; the searched model's bars stand out."""
-    fig, axes = plt.subplots(1, 2, figsize=(9, 0.5 * len(rows) + 1.5))
-    names = [r["method"] for r in rows]
-    colors = ["tab:orange" if n == "searched" else "tab:blue" for n in names]
-    for ax, key, title in ((axes[0], "ppl_oneshot", "one-shot perplexity (eval)"),
-                           (axes[1], "kl", "KL to dense per token (fitness set)")):
-        values = [r[key] for r in rows]
-        ax.barh(names, values, color=colors)
+def panel_table(panel: dict) -> list[dict]:
+    """The panel as a table with one-shot and trained rows apart: one row per method one-shot (perplexity and
+    KL to dense), then one row per method that was trained (`ppl_finetuned`)."""
+    rows = []
+    for training, key in (("one-shot", "ppl_oneshot"), ("trained", "ppl_finetuned")):
+        for name, r in panel.items():
+            if key in r:
+                label = name if training == "one-shot" else f"{name} (trained)"
+                rows.append({"label": label, "method": name, "training": training, "ppl": r[key],
+                             "kl": r.get("kl") if training == "one-shot" else None,
+                             **{k: v for k, v in r.items() if k not in ("ppl_oneshot", "ppl_finetuned", "kl")}})
+    return rows
+
+
+def baseline_panel(panel: dict):
+    """Every method of the panel (`{method: {ppl_oneshot, kl, ppl_finetuned?}}`) as horizontal bars: one-shot
+    perplexity and KL to dense for all, and perplexity after training in its own plot for the trained ones
+    only (so no trained model stands beside an untrained one); the searched model's bars stand out."""
+    trained = {n: r["ppl_finetuned"] for n, r in panel.items() if "ppl_finetuned" in r}
+    plots = [("ppl_oneshot", "one-shot perplexity (eval)", {n: r["ppl_oneshot"] for n, r in panel.items()}),
+             ("kl", "one-shot KL to dense per token (fitness set)", {n: r["kl"] for n, r in panel.items()})]
+    if trained:
+        plots.append(("ppl_finetuned", "perplexity after training (eval)", trained))
+    fig, axes = plt.subplots(1, len(plots), figsize=(4.5 * len(plots), 0.5 * len(panel) + 1.5), squeeze=False)
+    for ax, (_, title, values) in zip(axes[0], plots):
+        names = list(values)
+        ax.barh(names, list(values.values()), color=["tab:orange" if n == "searched" else "tab:blue" for n in names])
         ax.set_xscale("log")
         ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
-        for y, v in enumerate(values):
+        for y, v in enumerate(values.values()):
             ax.annotate(f"{v:.3g}", (v, y), xytext=(3, 0), textcoords="offset points", va="center", fontsize=8)
         ax.margins(x=0.15)
-        ax.set_title(title)
+        ax.set_title(title, fontsize=10)
         ax.invert_yaxis()
-    axes[1].set_yticklabels([])
     fig.tight_layout()
     return fig
 
