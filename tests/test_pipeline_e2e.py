@@ -22,7 +22,8 @@ TINY = {
     "search": dict(generations=3, offspring=4, eval_every=2, schedule=[{"survivors": 2, "fitness_tokens": 256, "train_tokens": 64},
                                                         {"survivors": 1, "fitness_tokens": 1024, "train_tokens": 0}]),
     "finetune": dict(steps=5, batch_size=4),
-    "evaluate": dict(speed_prompt_len=16, speed_decode_tokens=4, speed_repeats=2, finetune_baselines=["flap", "shortgpt"]),
+    "evaluate": dict(speed_prompt_len=16, speed_decode_tokens=4, speed_repeats=2,  # tests/test_baselines.py: all 7
+                     baselines=["wanda_sp", "flap", "minitron", "ziplm"], finetune_baselines=["minitron"]),
     "tracking": dict(experiment="e2e"),
     "compute": dict(nproc=1),  # tests/test_distributed.py covers several processes; here they would only add startup
 }
@@ -94,10 +95,10 @@ def test_repro_produces_every_output(repo):
     assert m["speed"]["searched"]["decode_ms_per_token"] > 0 and "CPU" in m["device"]
     assert set(m["speedup"]) == {"searched", "uniform"}
     panel = m["panel"]  # the baselines stage's rows, merged
-    assert set(panel) == {"searched", "uniform", "uniform_magnitude", "wanda_sp", "flap", "cfsp", "shortgpt"}
+    assert set(panel) == {"searched", "uniform", "wanda_sp", "flap", "minitron", "ziplm"}
     assert all(1 < row["ppl_oneshot"] < 1000 and row["kl"] >= 0 for row in panel.values())
     assert panel["searched"]["ppl_finetuned"] == m["ppl"]["searched_finetuned"]
-    assert all(1 < panel[name]["ppl_finetuned"] < 1000 for name in ("flap", "shortgpt"))  # finetune_baselines
+    assert 1 < panel["minitron"]["ppl_finetuned"] < 1000 and "ppl_finetuned" not in panel["flap"]  # finetune_baselines
     assert (repo / "levels/baselines/flap.json").is_file() and (repo / "plots/baselines.csv").is_file()
     levels = json.loads((repo / "levels/searched.json").read_text())
     uniform = json.loads((repo / "levels/uniform.json").read_text())
@@ -305,7 +306,7 @@ def test_interrupted_stage_resumes_under_dvc_repro_to_the_uninterrupted_result(r
         if sig.endswith("@2"):  # another seed too: DVC's run cache must not hand this result to a 1-process case
             _edit_params(repo, "compute", nproc=2)
             _edit_params(repo, stage.split("@")[0], seed=1)
-        _run(repo, "dvc", "repro")
+        _run(repo, "dvc", "repro", stage)  # the stage and what it needs: its uninterrupted result
         reference = (repo / result).read_bytes()
         killed_runs = len(_stage_runs(repo, stage, "KILLED"))
         shutil.rmtree(repo / ".darwinlm", ignore_errors=True)  # no finished work to reuse: really run it
