@@ -337,7 +337,7 @@ class Params(Section):
     finetune: FinetuneParams
     evaluate: EvaluateParams
     export: ExportParams
-    size: SizeParams = SizeParams()
+    size: SizeParams  # required: dvc.yaml expands one stage per size.budgets entry
     tracking: TrackingParams
     compute: ComputeParams
 

@@ -30,6 +30,8 @@ def test_every_required_key_must_be_given(tmp_path):
         load_params(_write(tmp_path, lambda r: r["search"].pop("target")))
     with pytest.raises(ConfigError, match=_escape("missing key 'compute'")):
         load_params(_write(tmp_path, lambda r: r.pop("compute")))
+    with pytest.raises(ConfigError, match=_escape("missing key 'size'")):  # dvc.yaml could not even be read
+        load_params(_write(tmp_path, lambda r: r.pop("size")))
 
 
 @pytest.mark.parametrize("edit,message", [
