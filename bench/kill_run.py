@@ -1,6 +1,7 @@
 """A killed run, as an operator kills it: `dvc repro` of one stage in its own process group, SIGKILLed (the
 whole group) when a progress line appears; then: which processes working in the workspace are left 10 s
-later, and whether an immediate `dvc repro` resumes and ends with the uninterrupted run's result.
+later, and whether the same command run again at once resumes and ends with the uninterrupted run's result
+(then `dvc repro` for anything downstream, and `dvc status`).
 
 Run in a workspace whose pipeline has finished once (the uninterrupted reference), e.g. a checkout with
 configs/stories260k-cpu.yaml as params.yaml (compute.nproc 2) after `dvc repro`:
@@ -24,10 +25,12 @@ import psutil
 
 
 def workspace_processes(root: Path) -> list[psutil.Process]:
+    """Processes working in `root`, other than this script and the shells that started it."""
+    own = {os.getpid()} | {p.pid for p in psutil.Process().parents()}
     found = []
     for p in psutil.process_iter():
         try:
-            if p.pid != os.getpid() and p.cwd() == str(root):
+            if p.pid not in own and p.cwd() == str(root):
                 found.append(p)
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue
@@ -55,7 +58,8 @@ def main():
     reference = (root / args.result).read_bytes()
     ppl_before = json.loads((root / "metrics/evaluate.json").read_text())["ppl"]
     shutil.rmtree(root / ".darwinlm", ignore_errors=True)  # no finished work to reuse: the stage really runs
-    run = subprocess.Popen(["dvc", "repro", "--force", "--single-item", args.stage], stdout=subprocess.PIPE,
+    command = ["dvc", "repro", "--force", "--single-item", args.stage]
+    run = subprocess.Popen(command, stdout=subprocess.PIPE,
                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
     seen = []
     for line in run.stdout:
@@ -71,12 +75,14 @@ def main():
     time.sleep(max(0.0, 10 - (time.time() - killed_at)))
     left = alive(processes)
     started = time.time()
-    resumed = subprocess.run(["dvc", "repro"], capture_output=True, text=True)
+    resumed = subprocess.run(command, capture_output=True, text=True)  # the interrupted command, again
+    rest = subprocess.run(["dvc", "repro"], capture_output=True, text=True)  # what else needs running, if anything
     status = subprocess.run(["dvc", "status"], capture_output=True, text=True).stdout.strip()
     ppl_after = json.loads((root / "metrics/evaluate.json").read_text())["ppl"]
     print(json.dumps({
         "stage": args.stage, "killed_at": args.at, "processes_at_kill": len(processes), "left_after_10s": left,
-        "rerun_rc": resumed.returncode, "rerun_s": round(time.time() - started, 1),
+        "rerun_rc": resumed.returncode, "rerun_s": round(time.time() - started, 1), "repro_rc": rest.returncode,
+        "repro_ran": [ln for ln in rest.stdout.splitlines() if ln.startswith("Running stage")],
         "resumed": [ln for ln in resumed.stdout.splitlines() if "resuming" in ln],
         "result_equal": (root / args.result).read_bytes() == reference,
         "ppl_before": ppl_before, "ppl_after": ppl_after, "dvc_status": status}))
