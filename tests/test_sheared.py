@@ -1,0 +1,79 @@
+"""Sheared-LLaMA's learned pruning (pipeline/pruning/sheared.py) on a tiny GQA Llama: the closed-form expected
+size against the mean size of sampled masks, the Lagrangian driving the expected size to the target, the
+final masks within the tolerance, and the physically pruned model equal to the masked model."""
+import copy
+
+import pytest
+import torch
+from helpers import tiny_llama
+
+from pipeline.model.materialize import materialize
+from pipeline.model.structure import structure_of
+from pipeline.pruning.sheared import (
+    MaskedModel,
+    ShearedMasks,
+    fit_to_size,
+    kept_and_weights,
+    keep_probability,
+    sample_mask,
+    shear,
+    size_under,
+)
+
+
+@pytest.fixture(scope="module")
+def sheared():
+    model = tiny_llama(layers=3, heads=4, kv_heads=2, hidden=32, intermediate=48)
+    s = structure_of(model)
+    tokens = torch.randint(0, 64, (32, 16), generator=torch.Generator().manual_seed(1))
+    masks = ShearedMasks(s)
+    target = s.dense_prunable_params // 2
+    trained = copy.deepcopy(model)
+    result = shear(trained, masks, tokens, target, steps=300, batch_size=8, lr=1e-3, mask_lr=1.0, warmup_steps=50)
+    return s, tokens, masks, target, trained, result
+
+
+def test_keep_probability_is_the_share_of_nonzero_samples():
+    log_alpha = torch.linspace(-3, 3, 7)
+    samples = torch.stack([sample_mask(log_alpha, torch.Generator().manual_seed(i)) for i in range(4000)])
+    torch.testing.assert_close((samples > 0).double().mean(0), keep_probability(log_alpha).double(), atol=0.03, rtol=0)
+
+
+def test_expected_size_is_the_mean_size_of_sampled_masks():
+    """Closed form (query heads, key/value heads kept while any of their query heads is, neurons, sublayers)
+    against the exact size of 4,000 sampled mask sets."""
+    s = structure_of(tiny_llama(layers=3, heads=4, kv_heads=2, hidden=32, intermediate=48))
+    masks = ShearedMasks(s)
+    with torch.no_grad():
+        for p in masks.log_alpha.values():
+            p.normal_(0, 2, generator=torch.Generator().manual_seed(5))
+    g = torch.Generator().manual_seed(0)
+    sampled = sum(size_under(s, masks.sample(g)) for _ in range(4000)) / 4000
+    assert float(masks.expected_params().detach()) == pytest.approx(sampled, rel=0.01)
+
+
+def test_the_lagrangian_drives_the_expected_size_to_the_target(sheared):
+    s, _, masks, target, _, result = sheared
+    assert result.target_removed[-1] == pytest.approx(0.5) and result.target_removed[0] == 0
+    assert result.expected_removed[0] < 0.05 and abs(result.expected_removed[-1] - 0.5) < 0.03
+    assert result.tokens == 300 * 8 * 16
+    slack = 0.01 * s.dense_prunable_params
+    z, _ = fit_to_size(s, result.masks, masks.log_alpha, target, slack)
+    assert abs(size_under(s, z) - target) <= slack
+
+
+def test_the_pruned_model_equals_the_masked_model_with_the_final_masks(sheared):
+    s, tokens, masks, target, trained, result = sheared
+    z, _ = fit_to_size(s, result.masks, masks.log_alpha, target, 0.01 * s.dense_prunable_params)
+    assert any(0 < float(v) < 1 for v in z["head"].flatten())  # soft values are folded into the weights
+    kept, weights = kept_and_weights(trained, s, z)
+    pruned = materialize(trained, s, weights)
+    masked = MaskedModel(trained, s)
+    masked.set(z)
+    try:
+        with torch.no_grad():
+            reference = trained(tokens).logits
+    finally:
+        masked.remove()
+    torch.testing.assert_close(pruned(tokens).logits, reference, rtol=1e-4, atol=1e-4)
+    assert sum(len(v) for v in kept.values()) < s.num_layers * (s.num_heads + s.intermediate_size)
