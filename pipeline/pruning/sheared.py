@@ -69,8 +69,8 @@ class ShearedMasks(nn.Module):
         g = torch.Generator().manual_seed(seed)
         shapes = {"head": (s.num_layers, s.num_heads), "neuron": (s.num_layers, s.intermediate_size),
                   "attn_layer": (s.num_layers,), "mlp_layer": (s.num_layers,)}
-        self.log_alpha = nn.ParameterDict({name: nn.Parameter(INITIAL_LOG_ALPHA + 0.01 * torch.randn(shape, generator=g))
-                                           for name, shape in shapes.items()})
+        start = {name: INITIAL_LOG_ALPHA + 0.01 * torch.randn(shape, generator=g) for name, shape in shapes.items()}
+        self.log_alpha = nn.ParameterDict({name: nn.Parameter(value) for name, value in start.items()})
 
     def constrain(self) -> None:
         with torch.no_grad():
