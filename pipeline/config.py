@@ -243,6 +243,27 @@ class EvaluateParams(Section):
         return self
 
 
+class ShearedParams(Section):
+    # Sheared-LLaMA's learned pruning (pipeline/pruning/sheared.py), built by the recovery stage
+    steps: Pos  # mask (and weight) training steps; their tokens are charged to the method
+    batch_size: Pos
+    lr: PosFloat  # the weights (reference: 1e-4)
+    mask_lr: PosFloat  # the masks' log_alpha and the Lagrange multipliers (reference: 1.0)
+    warmup_steps: NonNeg  # the target ramps from 0 over these steps (reference: lagrangian_warmup_steps)
+    seed: int
+
+
+RecoveryMethod = Literal["searched", "uniform", "sheared"]
+
+
+class RecoveryParams(Section):
+    # recovery curves: searched, uniform, sheared and one baseline trained alike, perplexity against tokens
+    enabled: bool
+    steps: Pos  # about the largest budget, in steps of finetune.batch_size sequences
+    points: Annotated[int, Field(ge=2)]  # budgets m * sqrt(5)^k, k < points (even k exactly 5x apart), and 0
+    baseline: Baseline  # the one-shot baseline trained beside them
+
+
 class ExportParams(Section):
     # GGUF files for llama.cpp written for dense, searched and uniform: models/gguf/<model>-<type>.gguf
     gguf_types: Annotated[list[GgufType], _given("GGUF types, e.g. [f16, q8_0]"), AfterValidator(_distinct)]
@@ -338,6 +359,8 @@ class Params(Section):
     evaluate: EvaluateParams
     export: ExportParams
     size: SizeParams  # required: dvc.yaml expands one stage per size.budgets entry
+    sheared: ShearedParams
+    recovery: RecoveryParams
     tracking: TrackingParams
     compute: ComputeParams
 

@@ -274,3 +274,17 @@ def gguf_quality(reference: str | Path, paths: dict[str, str | Path], windows: l
         results[name] = {"kl": kl / positions, "top1_agreement": agree / positions,
                          "ppl": math.exp(total_nll / tokens)}
     return results
+
+
+def recovery_budgets(steps: int, points: int) -> list[int]:
+    """Training budgets (in steps) of the recovery curves: 0 (one-shot) and m * sqrt(5)^k for k = 0 .. points-1,
+    with m = round(steps / sqrt(5)^(points-1)) (at least 1) and odd k rounded up, so that the budgets of even k
+    are exactly 5x apart and the curve answers "does method A at T match method B at 5T" at its own points.
+    The largest budget is close to `steps`."""
+    m = max(1, round(steps / 5 ** ((points - 1) / 2)))
+    return sorted({0} | {m * 5 ** (k // 2) if k % 2 == 0 else math.ceil(m * 5 ** (k / 2)) for k in range(points)})
+
+
+def first_budget_reaching(curve: dict[int, float], target: float) -> int | None:
+    """The smallest budget of `curve` ({tokens: perplexity}) whose perplexity is at most `target`; None if none."""
+    return next((tokens for tokens in sorted(curve) if curve[tokens] <= target), None)

@@ -16,7 +16,8 @@ from pipeline.run.resources import gib
 from pipeline.run.stage import run_stage
 
 UPSTREAM = ("base", "calibration", "database", "uniform", "search", "finetune@searched", "finetune@uniform",
-            "baselines", "export", "size_dense", "size_panel")  # evaluate runs last: it closes the pipeline's run
+            "baselines", "recovery", "export", "size_dense",
+            "size_panel")  # evaluate runs last: it closes the pipeline's run
 
 
 def main(params, say, group):

@@ -77,3 +77,61 @@ def test_the_pruned_model_equals_the_masked_model_with_the_final_masks(sheared):
         masked.remove()
     torch.testing.assert_close(pruned(tokens).logits, reference, rtol=1e-4, atol=1e-4)
     assert sum(len(v) for v in kept.values()) < s.num_layers * (s.num_heads + s.intermediate_size)
+
+
+def test_recovery_budgets_come_in_pairs_five_times_apart():
+    from pipeline.evaluate import recovery_budgets
+    assert recovery_budgets(250, 5) == [0, 10, 23, 50, 112, 250]
+    for steps, points in ((200, 5), (40, 3), (500, 7)):
+        budgets = recovery_budgets(steps, points)
+        evens = budgets[1::2]
+        assert budgets[0] == 0 and len(budgets) == points + 1
+        assert all(b == 5 * a for a, b in zip(evens, evens[1:]))
+
+
+def test_the_recovery_stage_trains_every_method_alike_and_counts_tokens_exactly(tmp_path, monkeypatch):
+    """stages/recovery.py on a tiny model's outputs laid out as the earlier stages leave them (no DVC, no MLflow)."""
+    import json
+
+    from helpers import byte_level_tokenizer, shipped
+
+    from pipeline.pruning.database import Database, build_database
+    from pipeline.run.distributed import SINGLE
+    from pipeline.search.evolution import prunable_params, uniform_at_size
+    from stages import recovery as stage
+    monkeypatch.chdir(tmp_path)
+    model = tiny_llama(layers=3, heads=4, kv_heads=2, hidden=32, intermediate=48)
+    model.save_pretrained("base/model")
+    byte_level_tokenizer().save_pretrained("base/model")
+    g = torch.Generator().manual_seed(3)
+    (tmp_path / "data/tokens").mkdir(parents=True)
+    for name, rows in (("calib", 8), ("fitness", 4), ("train", 16), ("eval", 4)):
+        torch.save(torch.randint(0, 64, (rows, 16), generator=g), f"data/tokens/{name}.pt")
+    build_database(model, structure_of(model), torch.load("data/tokens/calib.pt"), 8, 0.01, tmp_path / "database",
+                   {}, batch_size=4)
+    db = Database(tmp_path / "database")
+    uniform = uniform_at_size(db, 0.5, 0.01)
+    searched = uniform  # the size is what matters here
+    (tmp_path / "levels").mkdir()
+    (tmp_path / "levels/searched.json").write_text(json.dumps(searched))
+    (tmp_path / "levels/uniform.json").write_text(json.dumps(uniform))
+    params = shipped()
+    params = params.model_copy(update={
+        "search": params.search.model_copy(update={"budget_tolerance": 0.01}),
+        "finetune": params.finetune.model_copy(update={"batch_size": 2}),
+        "sheared": params.sheared.model_copy(update={"steps": 40, "batch_size": 4, "warmup_steps": 10}),
+        "recovery": params.recovery.model_copy(update={"enabled": True, "steps": 10, "points": 3, "baseline": "wanda_sp"}),
+        "evaluate": params.evaluate.model_copy(update={"batch_size": 4})})
+    metrics = stage.main(params, lambda message: None, SINGLE)
+    target = prunable_params(db, searched)
+    assert metrics["target_params"] == target and all(metrics["within_tolerance"].values())
+    budgets = [0, 2, 5, 10]  # m = round(10 / 5) = 2: 2, ceil(2 * sqrt 5) = 5, 10
+    for curve in metrics["curves"].values():
+        assert [int(t) for t in curve] == [b * 2 * 16 for b in budgets]  # steps x batch x sequence length
+        assert all(1 < v < 1e4 for v in curve.values())
+    assert metrics["sheared"]["tokens"] == 40 * 4 * 16
+    assert [row["tokens"] for row in metrics["headline"]] == [2 * 2 * 16]
+    rows = (tmp_path / "plots/recovery.csv").read_text().splitlines()
+    assert rows[0] == "tokens,searched,uniform,sheared,baseline" and len(rows) == 1 + len(budgets)
+    # trained alike: every method's perplexity falls from one-shot to the largest budget
+    assert all(c[str(budgets[-1] * 32)] < c["0"] for c in metrics["curves"].values())

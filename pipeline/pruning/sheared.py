@@ -193,11 +193,11 @@ def shear(model, masks: ShearedMasks, sequences: torch.Tensor, target_params: in
             lambdas.grad.neg_()  # maximise over the multipliers
             optimizer.step()
             ascent.step()
-            expected.append(float(removed))
+            expected.append(float(removed.detach()))
             targets.append(target)
-            losses.append(float(lm))
+            losses.append(float(lm.detach()))
             if on_step:
-                on_step(step, {"loss": float(lm), "expected_removed": float(removed), "target_removed": target})
+                on_step(step, {"loss": float(lm), "expected_removed": expected[-1], "target_removed": target})
     finally:
         masked.remove()
     model.eval()

@@ -100,6 +100,26 @@ def baseline_panel(panel: dict):
     return fig
 
 
+def recovery_curves(curves: dict, baseline: str, sheared_tokens: int):
+    """Eval perplexity against training tokens after pruning, one line per method (log-log); the one-shot
+    point (0 tokens) is drawn at the first budget's half. Sheared's mask-training tokens are in its label."""
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    first = min(t for c in curves.values() for t in c if t > 0)
+    for name, curve in curves.items():
+        tokens = sorted(curve)
+        label = {"baseline": f"{baseline} (one-shot baseline)",
+                 "sheared": f"sheared (+{sheared_tokens:,} mask-training tokens)"}.get(name, name)
+        ax.plot([t if t else first / 2 for t in tokens], [curve[t] for t in tokens], marker="o", label=label,
+                color="tab:orange" if name == "searched" else None)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("training tokens after pruning (one-shot at the left)")
+    ax.set_ylabel("eval perplexity (held-out)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
 def size_panel(rows: list[dict]):
     """KL to the dense f16 model against file bytes, one point per file (llama.cpp's presets, the searches)."""
     fig, ax = plt.subplots(figsize=(8, 5))
