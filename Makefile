@@ -5,7 +5,7 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export DVC_NO_ANALYTICS := 1
 export MLFLOW_DISABLE_TELEMETRY := true
 
-.PHONY: demo test setup setup-dev
+.PHONY: demo test setup setup-dev ui
 
 setup: $(VENV)/.installed
 setup-dev: $(VENV)/.installed-dev
@@ -28,3 +28,7 @@ demo: setup
 test: setup-dev
 	ruff check .
 	python -m pytest -q tests
+
+ui: setup
+	python -m pipeline.run.tracking
+	mlflow ui --backend-store-uri sqlite:///mlflow.db

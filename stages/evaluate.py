@@ -67,6 +67,8 @@ def main(params, say, group):
         tracking.log_figure(baseline_panel(metrics["panel"]), "plots/baselines.png")
     tracking.log_metrics({k: v for k, v in metrics.items() if k in ("ppl", "gain_over_uniform", "params", "speed",
                                                                      "speedup", "llama_cpp", "lm_eval", "panel")})
+    tracking.log_pipeline_metrics({k: v for k, v in metrics.items() if k in ("ppl", "gain_over_uniform", "params",
+                                                                              "speedup", "panel")})
     prefix = params.tracking.register_as
     for name in ("searched", "uniform"):  # logged models, with the metrics that describe them
         tracking.log_model(MODELS[name], f"pruned_{name}", register_as=f"{prefix}-{name}" if prefix else None,

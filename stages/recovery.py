@@ -68,6 +68,7 @@ def main(params, say, group):
         say(f"{name}: " + ", ".join(f"{t:,} tokens {v:.3f}" for t, v in curve.items()))
         for tokens, value in curve.items():
             tracking.log_metrics({f"recovery_ppl.{name}": value}, step=tokens)
+            tracking.log_pipeline_metrics({f"recovery_ppl.{name}": value}, step=tokens)
         del model
 
     table = pd.DataFrame({"tokens": sorted(curves["searched"]), **{n: [curves[n][t] for t in sorted(curves[n])]

@@ -315,6 +315,24 @@ def test_experiment_opens_as_machine_learning_not_genai(repo):
     assert client.get_experiment(other).tags["mlflow.experimentKind"] == "custom_model_development"
 
 
+def test_results_land_on_the_pipeline_run_and_the_ui_address_opens_the_runs(repo):
+    """The UI's runs table shows parent runs (stage runs folded under them): the parent carries the results,
+    steps included, and the printed address asks for the machine-learning runs view, not GenAI's overview."""
+    client = _client(repo)
+    with _stage("evaluate") as run:
+        tracking.log_pipeline_metrics({"ppl": {"searched": 7.5}, "note": "text"})
+        for tokens, value in ((0, 20.0), (512, 9.0)):
+            tracking.log_pipeline_metrics({"recovery_ppl.searched": value}, step=tokens)
+    parent = client.get_run(_parent(client.get_run(run.info.run_id)))
+    assert parent.data.metrics["ppl.searched"] == 7.5 and "note" not in parent.data.metrics
+    history = client.get_metric_history(parent.info.run_id, "recovery_ppl.searched")
+    assert [(m.step, m.value) for m in history] == [(0, 20.0), (512, 9.0)]
+    address = tracking.ui_address(EXPERIMENT, "http://host:5000")
+    assert address == (f"http://host:5000/#/experiments/{_exp_id(client)}/runs?workflowType=machine_learning"
+                       "&compareRunsMode=CHART")
+    assert "no runs" in tracking.ui_address("never-created")
+
+
 def test_stage_runs_record_system_metrics(repo, monkeypatch):
     monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.2")
     with _stage("database") as run:

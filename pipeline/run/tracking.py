@@ -145,6 +145,27 @@ set_tags = _in_stage_run(mlflow.set_tags)
 
 
 @_in_stage_run
+def log_pipeline_metrics(metrics: Mapping, step: int | None = None) -> None:
+    """Log ``metrics`` on the pipeline's parent run as well: the UI's runs table shows the parent runs, one per
+    pipeline execution, with the stage runs folded under them, so results compare there only if the parents
+    carry them."""
+    parent = mlflow.active_run().data.tags.get("mlflow.parentRunId")
+    values = {k: v for k, v in flatten(metrics).items() if isinstance(v, numbers.Real) and not isinstance(v, bool)}
+    if parent and values:
+        mlflow.log_metrics(values, step=step, run_id=parent)
+
+
+def ui_address(experiment: str, host: str = "http://127.0.0.1:5000") -> str:
+    """Where the MLflow UI shows this project's runs: MLflow 3.17 opens an experiment on its GenAI overview
+    unless the address asks for the machine-learning workflow; the chart view compares the pipeline runs."""
+    mlflow.set_tracking_uri(tracking_uri())
+    found = MlflowClient().get_experiment_by_name(experiment)
+    if found is None:
+        return f"{host} (no runs in experiment {experiment!r} yet: run the pipeline first)"
+    return f"{host}/#/experiments/{found.experiment_id}/runs?workflowType=machine_learning&compareRunsMode=CHART"
+
+
+@_in_stage_run
 def log_metrics(metrics: Mapping, step: int | None = None, model_id: str | None = None) -> None:
     """Logs the numbers of a (nested) dict with dotted keys; anything else, bools included, is skipped."""
     values = {k: v for k, v in flatten(metrics).items() if isinstance(v, numbers.Real) and not isinstance(v, bool)}
@@ -172,3 +193,8 @@ def log_model(folder: str | os.PathLike, name: str, metrics: Mapping | None = No
     if register_as:
         mlflow.register_model(f"models:/{model.model_id}", register_as)
     return model.model_id
+
+
+if __name__ == "__main__":  # `make ui` prints where to look
+    from pipeline.config import load_params
+    print("MLflow UI, the pipeline runs side by side:", ui_address(load_params("params.yaml").tracking.experiment))
