@@ -28,7 +28,7 @@ TINY = {
     "compute": dict(nproc=1),  # tests/test_distributed.py covers several processes; here they would only add startup
 }
 STAGES = ["base", "calibration", "database", "uniform", "search", "finetune@searched", "finetune@uniform", "baselines",
-          "export", "size_dense", "size_panel", "evaluate"]
+          "recovery", "export", "size_dense", "size_panel", "evaluate"]
 
 
 def _env():
@@ -137,6 +137,7 @@ def test_mlflow_runs_nest_under_one_parent_with_tags_params_and_upstream_ids(rep
         assert evaluate.data.tags[f"upstream.{stage.replace('@', '_')}"] == children[stage].info.run_id
     assert evaluate.data.params["search.target"] == "0.5" and evaluate.data.params["finetune.lr"] == "0.001"
     assert evaluate.data.metrics["ppl.searched_oneshot"] > 0
+    assert parents[0].data.metrics["ppl.searched_oneshot"] == evaluate.data.metrics["ppl.searched_oneshot"]  # the UI's row
     fitness = client.get_metric_history(children["search"].info.run_id, "fitness")
     assert [m.step for m in fitness] == [1, 2, 3]
     # the pruned models are MLflow logged models of the evaluate run, with their metrics linked
@@ -161,8 +162,8 @@ def test_param_changes_rerun_only_the_stages_that_depend_on_them(repo):
     try:
         assert _stale(repo) == set()
         _edit_params(repo, "finetune", lr=0.002)
-        # evaluate follows via their outputs; the baselines stage trains the selected baselines alike
-        assert _stale(repo) == {"finetune@searched", "finetune@uniform", "baselines"}
+        # evaluate follows via their outputs; the baselines and recovery stages train their models alike
+        assert _stale(repo) == {"finetune@searched", "finetune@uniform", "baselines", "recovery"}
         (repo / "params.yaml").write_text(original)
         _edit_params(repo, "database", damp=0.02)
         assert _stale(repo) == {"database"}
