@@ -197,7 +197,7 @@ def shear(model, masks: ShearedMasks, sequences: torch.Tensor, target_params: in
             targets.append(target)
             losses.append(float(lm.detach()))
             if on_step:
-                on_step(step, {"loss": float(lm), "expected_removed": expected[-1], "target_removed": target})
+                on_step(step, {"loss": losses[-1], "expected_removed": expected[-1], "target_removed": target})
     finally:
         masked.remove()
     model.eval()
