@@ -17,8 +17,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pipeline.config import load_params  # noqa: E402
 from pipeline.data import eval_set, read_documents, split_train_sets, token_stream  # noqa: E402
-from pipeline.evaluate import perplexity  # noqa: E402
-from pipeline.model.materialize import dense_unit_weights, materialize  # noqa: E402
+from pipeline.evaluate import perplexity, units_perplexity  # noqa: E402
 from pipeline.model.structure import load_dense, structure_of  # noqa: E402
 from pipeline.pruning.activation_stats import calibration_stats  # noqa: E402
 from pipeline.pruning.database import Database, build_database  # noqa: E402
@@ -71,9 +70,7 @@ def main():
     target = prunable_params(db, searched)
     slack = search.budget_tolerance * structure.dense_prunable_params
 
-    def oneshot_ppl(kept):
-        return perplexity(materialize(model, structure, dense_unit_weights(model, structure, kept)), sets["fitness"], 16)
-
+    oneshot_ppl = units_perplexity(model, structure, sets["fitness"], 16)
     entries = [("searched", Choice("levels", searched)), ("uniform", Choice("levels", uniform))]
     entries += [(n, choose(n, db, model, stats, sets["calib"], target, slack, 16, SINGLE, oneshot_ppl)) for n in BASELINES]
     f = shipped.finetune

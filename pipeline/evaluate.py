@@ -8,10 +8,12 @@ import math
 import platform
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
+from pipeline.model.materialize import dense_unit_weights, materialize
 from pipeline.run.distributed import device_of
 from pipeline.train import next_token_loss
 
@@ -288,3 +290,12 @@ def recovery_budgets(steps: int, points: int) -> list[int]:
 def first_budget_reaching(curve: dict[int, float], target: float) -> int | None:
     """The smallest budget of `curve` ({tokens: perplexity}) whose perplexity is at most `target`; None if none."""
     return next((tokens for tokens in sorted(curve) if curve[tokens] <= target), None)
+
+
+def units_perplexity(dense, structure, tokens, batch_size: int) -> Callable[[dict], float]:
+    """kept units -> the perplexity on `tokens` of the dense model cut to them (uncorrected): how Minitron's
+    widths are compared."""
+    def perplexity_of(kept: dict) -> float:
+        return perplexity(materialize(dense, structure, dense_unit_weights(dense, structure, kept)), tokens,
+                          batch_size)
+    return perplexity_of

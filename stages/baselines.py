@@ -8,8 +8,7 @@ plots/baselines.csv (one-shot and trained rows apart) and an MLflow table and ch
 import pandas as pd
 
 from pipeline.data import load_tokens
-from pipeline.evaluate import perplexity
-from pipeline.model.materialize import dense_unit_weights, materialize
+from pipeline.evaluate import perplexity, units_perplexity
 from pipeline.pruning.activation_stats import calibration_stats
 from pipeline.pruning.database import open_with_dense_model
 from pipeline.run import tracking
@@ -47,10 +46,7 @@ def main(params, say, group):
         say("block influence (1 - cos): " + ", ".join(f"{v:.3f}" for v in stats.block_influence))
     fitness_set = load_tokens("fitness")
 
-    def oneshot_ppl(kept):
-        model = materialize(dense, s, dense_unit_weights(dense, s, kept))
-        return perplexity(model, fitness_set, p.batch_size)
-
+    oneshot_ppl = units_perplexity(dense, s, fitness_set, p.batch_size)
     choices = {"searched": Choice("levels", searched), "uniform": Choice("levels", uniform)}
     for name in names:
         choices[name] = choose(name, db, dense, stats, calib, target, slack, params.database.batch_size, group,

@@ -13,8 +13,8 @@ import copy
 import pandas as pd
 
 from pipeline.data import load_tokens
-from pipeline.evaluate import first_budget_reaching, perplexity, recovery_budgets
-from pipeline.model.materialize import dense_unit_weights, materialize
+from pipeline.evaluate import first_budget_reaching, perplexity, recovery_budgets, units_perplexity
+from pipeline.model.materialize import materialize
 from pipeline.pruning.activation_stats import calibration_stats
 from pipeline.pruning.database import open_with_dense_model
 from pipeline.pruning.sheared import ShearedMasks, fit_to_size, kept_and_weights, shear, size_under
@@ -115,10 +115,7 @@ def _baseline(name, db, dense, target, slack, params, group, say):
     if name in NEEDS_STATS:
         stats = calibration_stats(dense, calib, params.database.batch_size, group)
 
-    def oneshot_ppl(kept):
-        return perplexity(materialize(dense, db.structure, dense_unit_weights(dense, db.structure, kept)),
-                          load_tokens("fitness"), params.evaluate.batch_size)
-
+    oneshot_ppl = units_perplexity(dense, db.structure, load_tokens("fitness"), params.evaluate.batch_size)
     return choose(name, db, dense, stats, calib, target, slack, params.database.batch_size, group, oneshot_ppl,
                   say).model(db, dense)
 

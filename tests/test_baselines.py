@@ -10,7 +10,7 @@ import pytest
 import torch
 from helpers import scored_databases, tiny_llama
 
-from pipeline.model.materialize import dense_unit_weights, materialize
+from pipeline.evaluate import units_perplexity
 from pipeline.model.structure import ATTN, MLP, output_projection
 from pipeline.run.distributed import SINGLE
 from pipeline.search.baselines import (
@@ -39,17 +39,10 @@ def setup(tmp_path_factory):
     db = dbs["magnitude"]
     target = db.structure.dense_prunable_params // 2
     slack = 0.01 * db.structure.dense_prunable_params
-    choices = {name: choose(name, db, model, stats, tokens, target, slack, 4, SINGLE, _ppl(model, db, tokens))
+    oneshot = units_perplexity(model, db.structure, tokens, 4)
+    choices = {name: choose(name, db, model, stats, tokens, target, slack, 4, SINGLE, oneshot)
                for name in UNIT_BASELINES}
     return model, tokens, stats, dbs, target, slack, choices
-
-
-def _ppl(model, db, tokens):
-    from pipeline.evaluate import perplexity
-
-    def oneshot(kept):
-        return perplexity(materialize(model, db.structure, dense_unit_weights(model, db.structure, kept)), tokens, 4)
-    return oneshot
 
 
 def _inputs(model, tokens):

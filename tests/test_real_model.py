@@ -87,7 +87,7 @@ def test_short_search_improves_on_uniform(built):
 def test_the_baseline_panel_on_real_weights(built, tmp_path):
     """Every baseline at the uniform model's size (1%), each one a working model; OBS's correction makes
     uniform OBS several times better one-shot than uniform magnitude, as on the paper's models."""
-    from pipeline.model.materialize import dense_unit_weights
+    from pipeline.evaluate import units_perplexity
     from pipeline.pruning.activation_stats import calibration_stats
     from pipeline.run.distributed import SINGLE
     from pipeline.search.baselines import BASELINES
@@ -99,10 +99,7 @@ def test_the_baseline_panel_on_real_weights(built, tmp_path):
     target, slack = prunable_params(db, uniform), 0.01 * db.structure.dense_prunable_params
     ppl = {"uniform": perplexity(materialize(model, db.structure, db.weights_for(uniform)), evals, 16)}
 
-    def oneshot_ppl(kept):
-        return perplexity(materialize(model, db.structure, dense_unit_weights(model, db.structure, kept)),
-                          sets["fitness"], 16)
-
+    oneshot_ppl = units_perplexity(model, db.structure, sets["fitness"], 16)
     for name in BASELINES:
         choice = choose(name, db, model, stats, sets["calib"], target, slack, 16, SINGLE, oneshot_ppl)
         assert abs(choice.size(db) - target) <= slack, name

@@ -29,6 +29,7 @@ from pipeline.search.evolution import params_table, prunable_params
 NEEDS_STATS = {"flap", "cfsp", "minitron", "shortgpt"}  # from one pass of the dense model
 
 
+
 @dataclass
 class Choice:
     """What a method chose: levels of the run's database, or kept query heads and neurons per layer."""
