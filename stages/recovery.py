@@ -121,8 +121,8 @@ def _baseline(name, db, dense, target, slack, params, group, say):
 
 
 def _size(structure, model) -> int:
-    return sum(structure.attention_params(len(layer["q_heads"]), len(layer["kv_heads"]))
-               + structure.mlp_params(layer["mlp"]) for layer in model.config.layers)
+    return sum(structure.kept_attention_params(layer["q_heads"]) + structure.mlp_params(layer["mlp"])
+               for layer in model.config.layers)
 
 
 def _headline(curves) -> list[dict]:

@@ -114,3 +114,20 @@ def scored_databases(model, tokens, levels, tmp_path_factory, batch_size):
         build_scored_database(model, structure_of(model), method, stats, levels, out, {})
         dbs[method] = Database(out)
     return stats, dbs
+
+
+def stage_workspace(root, model, train_rows=8, levels=8):
+    """What the stages before baselines / recovery leave in `root` for `model`: base/model with a tokenizer,
+    the four token sets (16-token windows) and an OBS database. Returns the Database."""
+    from pipeline.model.structure import structure_of
+    from pipeline.pruning.database import Database, build_database
+    root = Path(root)
+    model.save_pretrained(root / "base/model")
+    byte_level_tokenizer().save_pretrained(root / "base/model")
+    g = torch.Generator().manual_seed(3)
+    (root / "data/tokens").mkdir(parents=True)
+    for name, rows in (("calib", 8), ("fitness", 4), ("train", train_rows), ("eval", 4)):
+        torch.save(torch.randint(0, 64, (rows, 16), generator=g), root / f"data/tokens/{name}.pt")
+    build_database(model, structure_of(model), torch.load(root / "data/tokens/calib.pt"), levels, 0.01,
+                   root / "database", {}, batch_size=4)
+    return Database(root / "database")

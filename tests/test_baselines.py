@@ -107,9 +107,14 @@ def _wanda(w, x, j):
 
 
 def test_every_unit_baseline_lands_within_tolerance(setup):
+    """Counted independently: the attention+MLP parameters the physically pruned model actually holds."""
     model, _, _, dbs, target, slack, choices = setup
+    db = dbs["magnitude"]
+    outside = sum(p.numel() for p in model.parameters()) - db.structure.dense_prunable_params
     for name, choice in choices.items():
-        assert abs(kept_params(dbs["magnitude"].structure, choice.chosen) - target) <= slack, name
+        held = sum(p.numel() for n, p in choice.model(db, model).named_parameters() if not n.endswith("bias"))
+        assert held - outside == kept_params(db.structure, choice.chosen), name
+        assert abs(held - outside - target) <= slack, name
 
 
 def test_magnitude_removes_the_heads_of_least_summed_column_norm_in_every_layer(setup):
@@ -249,22 +254,11 @@ def test_the_stage_writes_one_row_per_method_at_the_searched_size(tmp_path, monk
     """stages/baselines.py on a tiny model's outputs laid out as the earlier stages leave them (no DVC, no MLflow)."""
     import json
 
-    from helpers import byte_level_tokenizer, shipped
+    from helpers import shipped, stage_workspace
 
-    from pipeline.model.structure import structure_of
-    from pipeline.pruning.database import Database, build_database
     from stages import baselines as stage
     monkeypatch.chdir(tmp_path)
-    model = tiny_llama(layers=4, intermediate=96)
-    model.save_pretrained("base/model")
-    byte_level_tokenizer().save_pretrained("base/model")
-    g = torch.Generator().manual_seed(3)
-    (tmp_path / "data/tokens").mkdir(parents=True)
-    for name, rows in (("calib", 8), ("fitness", 4), ("train", 8), ("eval", 4)):
-        torch.save(torch.randint(0, 64, (rows, 16), generator=g), f"data/tokens/{name}.pt")
-    build_database(model, structure_of(model), torch.load("data/tokens/calib.pt"), 8, 0.01, tmp_path / "database",
-                   {}, batch_size=4)
-    db = Database(tmp_path / "database")
+    db = stage_workspace(tmp_path, tiny_llama(layers=4, intermediate=96))
     searched = _searched_like(db, 0.5, 0)
     (tmp_path / "levels").mkdir()
     (tmp_path / "levels/searched.json").write_text(json.dumps(searched))

@@ -93,23 +93,14 @@ def test_the_recovery_stage_trains_every_method_alike_and_counts_tokens_exactly(
     """stages/recovery.py on a tiny model's outputs laid out as the earlier stages leave them (no DVC, no MLflow)."""
     import json
 
-    from helpers import byte_level_tokenizer, shipped
+    from helpers import shipped, stage_workspace
 
-    from pipeline.pruning.database import Database, build_database
     from pipeline.run.distributed import SINGLE
     from pipeline.search.evolution import prunable_params, uniform_at_size
     from stages import recovery as stage
     monkeypatch.chdir(tmp_path)
-    model = tiny_llama(layers=3, heads=4, kv_heads=2, hidden=32, intermediate=48)
-    model.save_pretrained("base/model")
-    byte_level_tokenizer().save_pretrained("base/model")
-    g = torch.Generator().manual_seed(3)
-    (tmp_path / "data/tokens").mkdir(parents=True)
-    for name, rows in (("calib", 8), ("fitness", 4), ("train", 16), ("eval", 4)):
-        torch.save(torch.randint(0, 64, (rows, 16), generator=g), f"data/tokens/{name}.pt")
-    build_database(model, structure_of(model), torch.load("data/tokens/calib.pt"), 8, 0.01, tmp_path / "database",
-                   {}, batch_size=4)
-    db = Database(tmp_path / "database")
+    db = stage_workspace(tmp_path, tiny_llama(layers=3, heads=4, kv_heads=2, hidden=32, intermediate=48),
+                         train_rows=16)
     uniform = uniform_at_size(db, 0.5, 0.01)
     searched = uniform  # the size is what matters here
     (tmp_path / "levels").mkdir()

@@ -51,6 +51,10 @@ class Structure:
         per_layer = self.attention_params(self.num_heads, self.num_kv_heads) + self.mlp_params(self.intermediate_size)
         return self.num_layers * per_layer
 
+    def kept_attention_params(self, q_heads) -> int:
+        """Attention parameters left with these query heads kept (key/value heads without any counted as removed)."""
+        return self.attention_params(len(q_heads), len(self.kv_heads_used(q_heads)))
+
     def kv_heads_used(self, q_heads) -> list[int]:
         """Key/value heads that still serve at least one of the kept query heads."""
         return sorted({int(q) // self.group_size for q in q_heads})

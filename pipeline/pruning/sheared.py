@@ -213,7 +213,7 @@ def size_under(structure: Structure, z: dict) -> int:
     for i in range(s.num_layers):
         heads = torch.nonzero(z["head"][i] > 0).flatten().tolist() if float(z["attn_layer"][i]) > 0 else []
         neurons = int((z["neuron"][i] > 0).sum()) if float(z["mlp_layer"][i]) > 0 else 0
-        total += s.attention_params(len(heads), len(s.kv_heads_used(heads))) + s.mlp_params(neurons)
+        total += s.kept_attention_params(heads) + s.mlp_params(neurons)
     return total
 
 

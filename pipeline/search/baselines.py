@@ -50,10 +50,15 @@ def kept_params(structure: Structure, kept: Kept) -> int:
     `prunable_params` counts a database genotype."""
     total = 0
     for layer in range(structure.num_layers):
-        heads = kept[(layer, ATTN)].tolist()
-        total += structure.attention_params(len(heads), len(structure.kv_heads_used(heads)))
+        total += structure.kept_attention_params(kept[(layer, ATTN)].tolist())
         total += structure.mlp_params(len(kept[(layer, MLP)]))
     return total
+
+
+def removed_columns(structure: Structure, module: str, kept_units: torch.Tensor) -> torch.Tensor:
+    """The output-projection columns of the units of `module` not in `kept_units`."""
+    gone = sorted(set(range(structure.unit_count(module))) - set(kept_units.tolist()))
+    return unit_indices(torch.tensor(gone, dtype=torch.long), structure.unit_size(module))
 
 
 def _top(scores: torch.Tensor, count: int) -> torch.Tensor:
@@ -79,7 +84,7 @@ class UniformShare:
     def choose(self, layer: int, head_scores: torch.Tensor, neuron_scores: torch.Tensor) -> dict:
         s = self.structure
         heads = _top(head_scores, s.num_heads - self.heads_removed)
-        size = self.size + s.attention_params(len(heads), len(s.kv_heads_used(heads.tolist())))
+        size = self.size + s.kept_attention_params(heads.tolist())
         goal = self.target * (layer + 1) / s.num_layers - size
         neurons = _top(neuron_scores, min(s.intermediate_size, max(0, round(goal / s.mlp_params(1)))))
         self.kept[(layer, ATTN)], self.kept[(layer, MLP)] = heads, neurons
@@ -88,12 +93,7 @@ class UniformShare:
 
     def removed_columns(self, layer: int) -> dict:
         """The output-projection columns the layer's choice removes (to zero them for the next layer's inputs)."""
-        s = self.structure
-        out = {}
-        for module in MODULE_TYPES:
-            gone = sorted(set(range(s.unit_count(module))) - set(self.kept[(layer, module)].tolist()))
-            out[module] = unit_indices(torch.tensor(gone, dtype=torch.long), s.unit_size(module))
-        return out
+        return {m: removed_columns(self.structure, m, self.kept[(layer, m)]) for m in MODULE_TYPES}
 
 
 def method_unit_scores(method: str, structure: Structure, o_proj: torch.Tensor, down: torch.Tensor,
@@ -141,11 +141,9 @@ def flap_biases(structure: Structure, kept: Kept, weights: dict, stats: dict, de
     W[:, removed] @ mean(X[:, removed]) over the calibration tokens, plus the dense bias if the family has one."""
     out = {}
     for (layer, module), units in kept.items():
-        s = structure
-        gone = sorted(set(range(s.unit_count(module))) - set(units.tolist()))
-        if not gone:
+        columns = removed_columns(structure, module, units)
+        if not len(columns):
             continue
-        columns = unit_indices(torch.tensor(gone, dtype=torch.long), s.unit_size(module))
         bias = compensation_bias(weights[(layer, module)], stats[(layer, module)].mean, columns)
         if dense_biases.get((layer, module)) is not None:
             bias = bias + dense_biases[(layer, module)].to(torch.float64)

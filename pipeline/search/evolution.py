@@ -149,7 +149,7 @@ def _count_params(db: Database) -> dict[str, list[list[int]]]:
     table = {"attn": [], "mlp": []}
     for layer in range(s.num_layers):
         heads = [db.level_units(layer, "attn", k).tolist() for k in range(db.levels + 1)]  # indices, no weights
-        table["attn"].append([s.attention_params(len(h), len(s.kv_heads_used(h))) for h in heads])
+        table["attn"].append([s.kept_attention_params(h) for h in heads])
         table["mlp"].append([s.mlp_params(db.kept_count("mlp", k)) for k in range(db.levels + 1)])
     return table
 
